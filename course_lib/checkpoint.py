@@ -1,0 +1,285 @@
+"""Atomic checkpoint files, safe loading and random-number states.
+
+A checkpoint is written to a temporary file in the same folder, flushed,
+fsynced and then renamed over the target with `os.replace`. A crash at any
+moment therefore leaves either the previous file or the new one, never a
+partial file under the real name.
+
+Loading always uses ``torch.load(weights_only=True)``: it restores tensors and
+plain Python containers but refuses to import arbitrary classes, so opening a
+downloaded checkpoint cannot run code hidden in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+_ZIP_MAGIC = b"PK\x03\x04"
+TEMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, damaged, unsafe or does not fit the model."""
+
+
+def to_cpu(obj: Any) -> Any:
+    """Return a copy of `obj` with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return {key: to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(value) for value in obj)
+    return obj
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write `state` to `path` atomically, with every tensor on the CPU.
+
+    Saving CPU tensors lets the file load on any machine; `load_checkpoint`
+    moves them to the target device.
+    """
+    cpu_state = to_cpu(state)
+    return _write_atomic(path, lambda f: torch.save(cpu_state, f))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a UTF-8 text file atomically."""
+    data = text.encode("utf-8")
+    return _write_atomic(path, lambda f: f.write(data))
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write a binary file atomically."""
+    return _write_atomic(path, lambda f: f.write(data))
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    # The temporary file sits in the target's folder because os.replace is
+    # only atomic within one file system.
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed write left in `folder`."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is only durable once the folder entry itself is on disk.
+    # Some platforms (Windows) cannot open a folder; the rename is still atomic.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: torch.device | str = "cpu",
+    required_keys: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` onto `map_location`.
+
+    Raises:
+        CheckpointError: if the file is missing, truncated, not a checkpoint,
+            needs unsafe unpickling (the error names the global), or lacks one
+            of `required_keys`. It never retries with ``weights_only=False``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} not found; check the path or train a run first"
+        )
+    with path.open("rb") as f:
+        magic = f.read(len(_ZIP_MAGIC))
+    if magic != _ZIP_MAGIC:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (size {size} bytes, no zip header); "
+            "pass a file written by torch.save, such as best.pt or last.pt"
+        )
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        match = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if match:
+            name = match.group(1)
+            raise CheckpointError(
+                f"{path} needs unsafe unpickling of the global {name}, which could "
+                "run arbitrary code, so it was not loaded. If you trust the file, "
+                f"allow that class with torch.serialization.add_safe_globals([{name}]) "
+                "and load it again."
+            ) from None
+        raise CheckpointError(
+            f"{path} could not be unpickled ({_first_line(err)}); "
+            "it is damaged or not a checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is truncated or damaged ({type(err).__name__}: {_first_line(err)}); "
+            "use another checkpoint, for example best.pt instead of last.pt, "
+            "or start a new run"
+        ) from None
+
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} contains a {type(state).__name__}, not a checkpoint dict; "
+            "pass a file written by course_lib, such as best.pt or last.pt"
+        )
+    missing = [key for key in required_keys if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the keys {missing}; pass a file written by course_lib "
+            "(best.pt has model, epoch and metric; last.pt has the full state)"
+        )
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Load `state_dict` into `model`, listing every mismatched key on failure.
+
+    Raises:
+        CheckpointError: if keys are missing or unexpected, or shapes differ.
+    """
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    wrong_shape = [
+        f"{key} (checkpoint {tuple(state_dict[key].shape)}, "
+        f"model {tuple(own[key].shape)})"
+        for key in own
+        if key in state_dict
+        and hasattr(state_dict[key], "shape")
+        and state_dict[key].shape != own[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_short_list(unexpected)}")
+        if wrong_shape:
+            parts.append(f"shape mismatches {_short_list(wrong_shape)}")
+        raise CheckpointError(
+            f"{source} was saved from another architecture than "
+            f"{type(model).__name__}: {'; '.join(parts)}. Build the same model "
+            "that wrote it, or start a new run in another folder."
+        )
+    model.load_state_dict(state_dict)
+
+
+def _short_list(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f", and {len(items) - limit} more"
+    return f"[{shown}]"
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Return every random-number state that affects a run.
+
+    That is torch's CPU generator, every CUDA device's generator, NumPy's and
+    Python's global generators, and the data-order `generator` if given. NumPy's
+    state is stored as tensors and numbers so that ``weights_only`` loading
+    accepts it.
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "python": _python_state_to_plain(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data_order": generator.get_state() if generator is not None else None,
+    }
+    return state
+
+
+def restore_rng_state(
+    state: Mapping[str, Any], generator: torch.Generator | None = None
+) -> None:
+    """Restore the states saved by `capture_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].cpu().numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    random.setstate(_python_state_from_plain(state["python"]))
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        else:
+            # NOTE: a different GPU count means the CUDA streams cannot match
+            # the original run, so only the first device's state is restored.
+            torch.cuda.set_rng_state(cuda_states[0].cpu())
+    if generator is not None and state.get("data_order") is not None:
+        generator.set_state(state["data_order"].cpu())
+
+
+def _python_state_to_plain(state: tuple) -> dict[str, Any]:
+    version, internal, gauss_next = state
+    return {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+
+
+def _python_state_from_plain(plain: Mapping[str, Any]) -> tuple:
+    return (plain["version"], tuple(plain["internal"]), plain["gauss_next"])

@@ -1,0 +1,157 @@
+"""Command line: ``python -m course_lib train``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .data import DATASET_CHOICES, DatasetUnavailableError, load_dataset, make_loaders
+from .device import DEVICE_CHOICES, pick_device, pick_precision
+from .loop import NonFiniteLossError, train_model
+from .models import MODEL_CHOICES, build_model, count_parameters
+
+logger = logging.getLogger("course_lib")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout is at the time of the call.
+
+    Jupyter replaces sys.stdout per cell, so a handler that kept the stream
+    from its creation would write into an old cell.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stdout)
+        super().emit(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send course_lib's log lines to standard output as plain text.
+
+    Calling it again replaces the handler instead of adding a second one.
+    """
+    root = logging.getLogger("course_lib")
+    root.handlers = [h for h in root.handlers if not isinstance(h, _StdoutHandler)]
+    handler = _StdoutHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib",
+        description="The Training Loop course: reference training command.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a model and save best.pt, last.pt, history.csv and curves.png",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--dataset", default="mnist_5k", choices=DATASET_CHOICES,
+                       help="data set; mnist_5k is bundled, the others download")
+    train.add_argument("--model", default="cnn", choices=MODEL_CHOICES,
+                       help="model architecture")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed for weights, data split and data order")
+    train.add_argument("--epochs", type=int, default=15,
+                       help="maximum number of epochs")
+    train.add_argument("--batch-size", type=int, default=64,
+                       help="training batch size in samples")
+    train.add_argument("--lr", type=float, default=3e-4,
+                       help="AdamW learning rate at the start of the cosine schedule")
+    train.add_argument("--weight-decay", type=float, default=0.01,
+                       help="AdamW weight decay")
+    train.add_argument("--patience", type=int, default=5,
+                       help="epochs without a better val accuracy before stopping")
+    train.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                       help="auto picks cuda, then mps, then cpu")
+    train.add_argument("--out", type=Path, default=None,
+                       help="run folder (default: runs/DATASET-MODEL-TIMESTAMP)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last.pt")
+    train.add_argument("--data-dir", type=Path, default=None,
+                       help="download cache for torchvision data sets "
+                       "(default: $COURSE_DATA_DIR or ~/.cache/course_lib)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="hide the per-batch progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        return _train(args, parser)
+    except (ValueError, CheckpointError, DatasetUnavailableError,
+            NonFiniteLossError) as err:
+        logger.error("error: %s", err)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted; resume with --resume --out of this run")
+        return 130
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    for name in ("epochs", "patience", "batch_size"):
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out, the folder of the run to continue")
+    out_dir = args.out or Path("runs") / (
+        f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    precision = pick_precision(device)
+    splits = load_dataset(args.dataset, seed=args.seed, root=args.data_dir)
+    train_loader, val_loader, test_loader = make_loaders(
+        splits, batch_size=args.batch_size, seed=args.seed,
+        pin_memory=device.type == "cuda",
+    )
+    model = build_model(args.model, splits.input_shape, splits.num_classes)
+
+    sizes = splits.sizes()
+    logger.info("device   %s (%s)", device, precision.name)
+    logger.info(
+        "data     %s: %d train, %d val, %d test, %d classes, input %s",
+        splits.name, sizes["train"], sizes["val"], sizes["test"],
+        splits.num_classes, "x".join(map(str, splits.input_shape)),
+    )
+    logger.info("model    %s, %s parameters", type(model).__name__,
+                f"{count_parameters(model):,}")
+    logger.info("run      %s", out_dir)
+
+    result = train_model(
+        model, train_loader, val_loader, test_loader,
+        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        patience=args.patience, device=device, out_dir=out_dir, resume=args.resume,
+        progress=False if args.no_progress else None,
+    )
+    logger.info(
+        "test accuracy of best.pt (epoch %d): %.2f%%",
+        result.best_epoch, 100 * result.test_accuracy,
+    )
+    return 0
