@@ -16,13 +16,14 @@ def pick_device(requested: str | torch.device | None = "auto") -> torch.device:
     """Return the device to train on: cuda, then mps, then cpu for "auto".
 
     Args:
-        requested: "auto", "cuda", "cuda:N", "mps", "cpu" or a torch.device.
+        requested: "auto", "cuda", "cuda:N", "mps", "cpu", or a torch.device,
+            which is returned as it is.
 
     Raises:
         ValueError: if the name is unknown or the device is not available here.
     """
     if isinstance(requested, torch.device):
-        requested = str(requested)
+        return requested
     name = (requested or "auto").strip().lower()
 
     if name == "auto":

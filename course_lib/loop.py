@@ -109,8 +109,25 @@ def _run_phase(
         raise ValueError("train=True needs an optimizer; pass one, or use train=False")
 
     # train() turns on dropout and batch statistics; eval() turns them off and
-    # freezes the BatchNorm running averages.
+    # freezes the BatchNorm running averages. Each module's own mode is put
+    # back afterwards, so a phase leaves the model as the caller had it.
+    saved_modes = [(module, module.training) for module in model.modules()]
     model.train(train)
+    try:
+        return _run_batches(
+            model, loader, criterion, optimizer, device, train,
+            scaler=scaler, precision=precision, confusion=confusion, epoch=epoch,
+            progress=progress,
+        )
+    finally:
+        for module, mode in saved_modes:
+            module.training = mode
+
+
+def _run_batches(
+    model, loader, criterion, optimizer, device, train, *,
+    scaler, precision, confusion, epoch, progress,
+) -> EpochResult:
     phase = "train" if train else "val"
     autocast_dtype = precision.dtype if precision is not None else None
 
