@@ -101,7 +101,8 @@ def metrics_from_counts(
     Returns:
         A dict with ``accuracy``, ``macro_f1``, lists ``precision``, ``recall``,
         ``f1`` and ``support`` (one entry per class) and, for two classes, the
-        ``pos_*`` figures. Ratios with a zero denominator are 0.0.
+        ``pos_*`` figures. Ratios with a zero denominator are 0.0. ``macro_f1``
+        averages over the classes that occur in the targets or the predictions.
     """
     counts = counts.detach().to("cpu", torch.float64)
     total = counts.sum()
@@ -113,9 +114,14 @@ def metrics_from_counts(
     recall = _safe_divide(true_pos, actual)
     f1 = _safe_divide(2 * precision * recall, precision + recall)
 
+    # A class that occurs neither in the targets nor in the predictions has no
+    # F1 to measure, so the macro mean leaves it out, as torchmetrics does.
+    seen = (predicted + actual) > 0
+    macro_f1 = f1[seen].mean() if seen.any() else torch.zeros(())
+
     result: dict = {
         "accuracy": float(_safe_divide(true_pos.sum(), total)),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(macro_f1),
         "precision": precision.tolist(),
         "recall": recall.tolist(),
         "f1": f1.tolist(),
@@ -163,7 +169,10 @@ def precision_recall_f1(
 
 
 def macro_f1(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> float:
-    """Return the unweighted mean of the per-class F1 scores."""
+    """Return the unweighted mean of the per-class F1 scores.
+
+    Classes absent from both `preds` and `targets` are not counted.
+    """
     return metrics_from_counts(confusion_matrix(preds, targets, num_classes))["macro_f1"]
 
 
