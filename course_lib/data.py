@@ -246,6 +246,10 @@ def make_imbalanced_binary(
     Label 1 (the positive class) is `positive_digit`; label 0 is every other
     digit. All negatives are kept and positives are subsampled so that they make
     up `positive_fraction` of the result (5% by default, so 95% is class 0).
+
+    Raises:
+        ValueError: for a fraction outside (0, 1), a digit absent from the
+            split, or a fraction that needs more positives than the split has.
     """
     if not 0.0 < positive_fraction < 1.0:
         raise ValueError(
@@ -261,7 +265,14 @@ def make_imbalanced_binary(
     positives = torch.nonzero(split.labels == positive_digit).flatten()
     negatives = torch.nonzero(split.labels != positive_digit).flatten()
     n_pos = round(positive_fraction * len(negatives) / (1.0 - positive_fraction))
-    n_pos = max(1, min(n_pos, len(positives)))
+    if n_pos > len(positives):
+        reachable = len(positives) / (len(positives) + len(negatives))
+        raise ValueError(
+            f"positive_fraction {positive_fraction!r} needs {n_pos} samples of digit "
+            f"{positive_digit}, but the split has {len(positives)}; use a "
+            f"positive_fraction of at most {reachable:.3f}"
+        )
+    n_pos = max(1, n_pos)
     positives = positives[torch.randperm(len(positives), generator=generator)[:n_pos]]
     keep = torch.cat([negatives, positives]).sort().values
     binary = (split.labels[keep] == positive_digit).long()
@@ -303,7 +314,9 @@ class TensorLoader:
                 f"images and labels differ in length ({len(images)} vs {len(labels)}); "
                 "pass tensors with one label per image"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
+        # bool is a subclass of int, but True is no batch size.
+        is_int = isinstance(batch_size, int) and not isinstance(batch_size, bool)
+        if not is_int or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if pin_memory and torch.cuda.is_available():
             images, labels = images.pin_memory(), labels.pin_memory()
