@@ -296,6 +296,9 @@ class TensorLoader:
         drop_last: drop a short last batch.
         pin_memory: keep tensors in page-locked memory for faster,
             non-blocking copies to CUDA. Only takes effect when CUDA exists.
+        augment: a function ``augment(images, generator)`` applied to each
+            batch, such as `random_shift`. It draws from the loader's generator,
+            so augmented runs stay reproducible and resumable.
     """
 
     def __init__(
@@ -308,6 +311,7 @@ class TensorLoader:
         seed: int = 0,
         drop_last: bool = False,
         pin_memory: bool = False,
+        augment=None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(
@@ -325,6 +329,7 @@ class TensorLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -351,10 +356,37 @@ class TensorLoader:
             start = batch_index * self.batch_size
             stop = min(start + self.batch_size, n)
             if order is None:
-                yield self.images[start:stop], self.labels[start:stop]
+                images, labels = self.images[start:stop], self.labels[start:stop]
             else:
                 idx = order[start:stop]
-                yield self.images[idx], self.labels[idx]
+                images, labels = self.images[idx], self.labels[idx]
+            if self.augment is not None:
+                images = self.augment(images, self.generator)
+            yield images, labels
+
+
+def random_shift(
+    images: torch.Tensor, generator: torch.Generator, max_shift: int = 2
+) -> torch.Tensor:
+    """Shift each image by up to `max_shift` pixels in x and y, independently.
+
+    The border is filled by repeating the edge pixels, which for digits is
+    background. Works on a whole batch (N, C, H, W) with one indexing call.
+    """
+    n, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(
+        images, (max_shift,) * 4, mode="replicate"
+    )
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = dy[:, None] + torch.arange(height)
+    cols = dx[:, None] + torch.arange(width)
+    return padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(channels)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def make_loaders(
@@ -364,11 +396,16 @@ def make_loaders(
     eval_batch_size: int | None = None,
     seed: int = 0,
     pin_memory: bool = False,
+    augment=None,
 ) -> tuple[TensorLoader, TensorLoader, TensorLoader]:
-    """Return train (shuffled), val and test loaders over in-memory splits."""
+    """Return train (shuffled), val and test loaders over in-memory splits.
+
+    `augment` applies to the training loader only.
+    """
     eval_size = eval_batch_size or max(batch_size, 256)
     train = TensorLoader.from_split(
-        splits.train, batch_size=batch_size, shuffle=True, seed=seed, pin_memory=pin_memory
+        splits.train, batch_size=batch_size, shuffle=True, seed=seed,
+        pin_memory=pin_memory, augment=augment,
     )
     val = TensorLoader.from_split(splits.val, batch_size=eval_size, pin_memory=pin_memory)
     test = TensorLoader.from_split(splits.test, batch_size=eval_size, pin_memory=pin_memory)
