@@ -441,6 +441,9 @@ def train_model(
             scaler.load_state_dict(state["scaler"])
         stopper.load_state_dict(state["early_stopping"])
         history = History.from_state_dict(state["history"])
+        # last.pt is written before history.csv, so a kill between the two
+        # writes leaves the CSV one row short. Rewriting it here repairs that.
+        history.to_csv(out_dir / HISTORY_NAME)
         restore_rng_state(state["rng"], data_order)
         start_epoch = state["epoch"] + 1
         finished = bool(state.get("finished"))
@@ -453,7 +456,9 @@ def train_model(
 
     plot = _make_plot(live_plot, out_dir)
     show_progress = progress if progress is not None else _progress_default()
-    stopped_early = finished and stopper.should_stop
+    # A run whose patience ran out at its last epoch ended by the epoch count,
+    # as the loop below decides too.
+    stopped_early = finished and stopper.should_stop and start_epoch - 1 < epochs
 
     logger.info(_header_line(monitor))
     if plot is not None and len(history):
