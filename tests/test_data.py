@@ -16,6 +16,8 @@ from course_lib.data import (
     load_bundled_mnist,
     load_dataset,
     make_imbalanced_binary,
+    make_loaders,
+    random_shift,
 )
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -380,6 +382,119 @@ def test_loader_bad_batch_size(batch_size):
         TensorLoader(torch.zeros(10, 1), torch.arange(10), batch_size=batch_size)
 
     assert repr(batch_size) in str(excinfo.value)
+
+
+def dot_images(n: int, channels: int = 1) -> torch.Tensor:
+    """Return n blank 28x28 images with one bright pixel at row 10, column 12."""
+    images = torch.zeros(n, channels, 28, 28)
+    images[:, :, 10, 12] = 1.0
+    return images
+
+
+def dot_positions(images: torch.Tensor) -> list[tuple[int, int]]:
+    """Return the (row, column) of the bright pixel of each image."""
+    positions = []
+    for image in images[:, 0]:
+        bright = torch.nonzero(image == 1.0)
+        assert len(bright) == 1
+        positions.append((int(bright[0, 0]), int(bright[0, 1])))
+    return positions
+
+
+def test_shift_keeps_shape_and_dtype():
+    images = torch.randn(5, 3, 32, 32)
+
+    shifted = random_shift(images, torch.Generator().manual_seed(0))
+
+    assert shifted.shape == images.shape
+    assert shifted.dtype == images.dtype
+
+
+def test_shift_zero_is_identity():
+    images = torch.randn(5, 1, 28, 28)
+
+    shifted = random_shift(images, torch.Generator().manual_seed(0), max_shift=0)
+
+    assert torch.equal(shifted, images)
+
+
+def test_shift_moves_within_limit():
+    shifted = random_shift(dot_images(64), torch.Generator().manual_seed(0))
+    positions = dot_positions(shifted)
+    offsets = {(row - 10, col - 12) for row, col in positions}
+
+    assert all(abs(dy) <= 2 and abs(dx) <= 2 for dy, dx in offsets)
+    # 64 draws from 25 offsets that are all alike mean one shift per batch.
+    assert len(offsets) > 5
+
+
+def test_shift_same_for_all_channels():
+    shifted = random_shift(dot_images(16, channels=3), torch.Generator().manual_seed(0))
+
+    assert torch.equal(shifted[:, 0], shifted[:, 1])
+    assert torch.equal(shifted[:, 0], shifted[:, 2])
+
+
+def test_shift_reproducible():
+    images = torch.randn(8, 1, 28, 28)
+
+    first = random_shift(images, torch.Generator().manual_seed(5))
+    second = random_shift(images, torch.Generator().manual_seed(5))
+
+    assert torch.equal(first, second)
+
+
+def test_loader_augment_keeps_labels():
+    labels = torch.arange(40)
+    plain = TensorLoader(dot_images(40), labels, batch_size=16, shuffle=True, seed=1)
+    shifted = TensorLoader(
+        dot_images(40), labels, batch_size=16, shuffle=True, seed=1,
+        augment=random_shift,
+    )
+
+    # The first epoch's order is drawn before any shift, so it matches.
+    first_plain = [batch_labels for _, batch_labels in plain]
+    first_shifted = list(shifted)
+
+    for expected, (_, batch_labels) in zip(first_plain, first_shifted):
+        assert torch.equal(batch_labels, expected)
+    positions = [
+        position for images, _ in first_shifted for position in dot_positions(images)
+    ]
+
+    assert len(positions) == 40
+    assert any(position != (10, 12) for position in positions)
+
+
+def test_loader_augment_reproducible():
+    loaders = [
+        TensorLoader(
+            dot_images(40), torch.arange(40), batch_size=16, shuffle=True, seed=2,
+            augment=random_shift,
+        )
+        for _ in range(2)
+    ]
+    epochs = [[images for images, _ in loader] for loader in loaders]
+
+    for first, second in zip(*epochs):
+        assert torch.equal(first, second)
+
+
+def test_make_loaders_augment_train_only(splits):
+    train, val, test = make_loaders(splits, augment=random_shift)
+
+    assert train.augment is random_shift
+    assert val.augment is None
+    assert test.augment is None
+
+
+def test_make_loaders_shuffle_train_only(splits):
+    train, val, test = make_loaders(splits, batch_size=32)
+
+    assert train.shuffle is True
+    assert val.shuffle is False
+    assert test.shuffle is False
+    assert train.batch_size == 32
 
 
 @pytest.fixture(scope="module")
