@@ -75,6 +75,9 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> 
         dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX
     )
     try:
+        # mkstemp creates the file with mode 0600; give it the mode that
+        # open() would, so other users can read the run as usual.
+        os.fchmod(fd, _default_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -96,6 +99,12 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import CheckpointError
 from .data import DATASET_CHOICES, DatasetUnavailableError, load_dataset, make_loaders
 from .device import DEVICE_CHOICES, pick_device, pick_precision
-from .loop import NonFiniteLossError, train_model
+from .loop import NonFiniteLossError, prepare_run_folder, train_model
 from .models import MODEL_CHOICES, build_model, count_parameters
 
 logger = logging.getLogger("course_lib")
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model and save best.pt, last.pt, history.csv and curves.png",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # Errors found after parsing are reported with this subcommand's usage line.
+    train.set_defaults(subparser=train)
     train.add_argument("--dataset", default="mnist_5k", choices=DATASET_CHOICES,
                        help="data set; mnist_5k is bundled, the others download")
     train.add_argument("--model", default="cnn", choices=MODEL_CHOICES,
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        return _train(args, parser)
+        return _train(args, args.subparser)
     except (ValueError, CheckpointError, DatasetUnavailableError,
             NonFiniteLossError) as err:
         logger.error("error: %s", err)
@@ -122,6 +124,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out_dir = args.out or Path("runs") / (
         f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    prepare_run_folder(out_dir)
 
     seed_everything(args.seed)
     device = pick_device(args.device)

@@ -398,7 +398,7 @@ def train_model(
     _check_monitor(monitor)
 
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
+    prepare_run_folder(out_dir)
     last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
     if not resume and (last_path.exists() or best_path.exists()):
         raise ValueError(
@@ -582,7 +582,18 @@ def _check_monitor(monitor: str) -> None:
         )
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
+def prepare_run_folder(out_dir: str | os.PathLike) -> Path:
+    """Create the run folder if needed and check that files can be written in it.
+
+    Raises:
+        ValueError: naming the folder, if it is a file or cannot be written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"output folder {out_dir} is a file, not a folder; pass a folder path "
+            "as out_dir (--out)"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-probe.", suffix=".tmp")
@@ -593,6 +604,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
             f"output folder {out_dir} is not writable ({type(err).__name__}: "
             f"{err.strerror or err}); pass a writable folder as out_dir (--out)"
         ) from None
+    return out_dir
 
 
 def _check_resume_config(saved: dict, current: dict, path: Path) -> None:
