@@ -25,9 +25,24 @@ from course_lib import MLP, History, TensorLoader, load_checkpoint, train_model
 CHILD = Path(__file__).with_name("train_child.py")
 EPOCHS = 5
 RUN_TIMEOUT = 180.0
-# 25 million float32 zeros: 100 MB per checkpoint, which takes about 0.4 s to
-# write and fsync here, in 2 MB steps, so the parent can catch it halfway.
+# 25 million float32 zeros make a 100 MB checkpoint. On a 2-core test machine
+# torch.save wrote it in 2 MB steps and the write with fsync took roughly
+# 0.4 s, so the parent can catch it halfway.
 PADDING = 25_000_000
+
+
+STARTED: list[Child] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_children():
+    # A test that fails between starting and killing a child must not leave
+    # it running, because a blocked child would wait for minutes.
+    yield
+    while STARTED:
+        child = STARTED.pop()
+        if child.process.poll() is None:
+            child.kill()
 
 
 class Child:
@@ -45,6 +60,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        STARTED.append(self)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]

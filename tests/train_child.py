@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from course_lib import MLP, Split, TensorLoader, load_dataset, seed_everything, 
 
 EPOCHS = 5
 PADDING = "padding"
+BLOCK_SECONDS = 600
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--status-dir", type=Path, required=True,
                         help="folder for the per-epoch marker files")
     parser.add_argument("--block-at", type=int, default=None,
-                        help="epoch whose on_epoch_end never returns (default: none)")
+                        help="epoch whose on_epoch_end waits to be killed, for at most "
+                             f"{BLOCK_SECONDS} s (default: none)")
     parser.add_argument("--padding", type=int, default=0,
                         help="float32 zeros in an extra model buffer, to make each "
                              "checkpoint write slow (default: 0, no buffer)")
@@ -76,8 +79,10 @@ def main() -> None:
         os.replace(partial, args.status_dir / f"epoch-{epoch}")
         if epoch == args.block_at:
             (args.status_dir / "blocked").touch()
-            while True:
-                time.sleep(60)
+            # The parent kills the process here. The time limit only ends a
+            # child whose parent died first.
+            time.sleep(BLOCK_SECONDS)
+            sys.exit(f"blocked for {BLOCK_SECONDS} s at epoch {epoch} without being killed")
 
     result = train_model(
         model,
