@@ -565,14 +565,18 @@ def test_train_model_bad_counts(small_splits, tmp_path, name, value):
     assert not out_dir.exists()
 
 
-def test_train_model_out_dir_under_file(small_splits, tmp_path):
+@pytest.mark.parametrize("below_file", [True, False])
+def test_train_model_out_dir_file(small_splits, tmp_path, below_file):
     train_loader, val_loader, _ = plain_loaders(small_splits)
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a regular file, not a folder\n")
-    out_dir = blocker / "run"
-    with pytest.raises(ValueError, match="not writable") as caught:
+    out_dir = blocker / "run" if below_file else blocker
+
+    with pytest.raises(ValueError, match="output folder") as caught:
         quiet_train(make_mlp(), train_loader, val_loader, epochs=1, out_dir=out_dir)
+
     assert str(out_dir) in str(caught.value)
+    assert blocker.read_text() == "a regular file, not a folder\n"
 
 
 @pytest.mark.skipif(
