@@ -124,12 +124,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out_dir = args.out or Path("runs") / (
         f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    prepare_run_folder(out_dir)
 
     seed_everything(args.seed)
     device = pick_device(args.device)
     precision = pick_precision(device)
     splits = load_dataset(args.dataset, seed=args.seed, root=args.data_dir)
+    prepare_run_folder(out_dir)
     train_loader, val_loader, test_loader = make_loaders(
         splits, batch_size=args.batch_size, seed=args.seed,
         pin_memory=device.type == "cuda",
