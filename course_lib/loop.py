@@ -269,7 +269,13 @@ class EarlyStopping:
         self.counter = 0
 
     def step(self, value: float, epoch: int) -> bool:
-        """Record one epoch's value; return True if it is a new best."""
+        """Record one epoch's value; return True if it is a new best.
+
+        A NaN value is never a new best, so it counts against the patience.
+        """
+        if math.isnan(value):
+            self.counter += 1
+            return False
         if self.best is None or self._improves(value, self.best):
             self.best = value
             self.best_epoch = epoch
@@ -485,6 +491,11 @@ def train_model(
 
         row = _history_row(epoch, train_result, val_result, lr_now,
                            time.perf_counter() - started)
+        if monitor != "val_loss" and math.isnan(row[monitor]) and not _has_accuracy(row):
+            raise ValueError(
+                f"monitor {monitor!r} is NaN because the targets are not class "
+                "indices (a regression or multi-label loss); pass monitor='val_loss'"
+            )
         history.append(row)
         improved = stopper.step(row[monitor], epoch)
         if improved:
@@ -573,6 +584,11 @@ def train_model(
 
 
 _MAXIMIZED = ("val_acc", "val_macro_f1", "val_pos_f1", "val_pos_recall", "val_pos_precision")
+
+
+def _has_accuracy(row: dict) -> bool:
+    """Return True if the row has classification metrics (accuracy is a number)."""
+    return not math.isnan(row["val_acc"])
 
 
 def _check_monitor(monitor: str) -> None:

@@ -634,3 +634,30 @@ def test_train_model_nan_keeps_checkpoints(small_splits, tmp_path):
         torch.isfinite(tensor).all() for tensor in last["model"].values()
     )
     assert len(History.read_csv(tmp_path / "history.csv")) == 2
+
+
+def test_early_stopping_nan_first_value():
+    stopper = EarlyStopping(patience=3, mode="max")
+
+    assert stopper.step(math.nan, epoch=1) is False
+    assert stopper.best is None
+    assert stopper.step(0.5, epoch=2) is True
+    assert stopper.best_epoch == 2
+
+
+def test_regression_monitor_needs_val_loss(tmp_path):
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(64, 4), torch.randn(64, 1)
+    loader = TensorLoader(inputs, targets, batch_size=16)
+    with pytest.raises(ValueError, match="monitor='val_loss'"):
+        train_model(
+            nn.Linear(4, 1), loader, loader, epochs=2, criterion=nn.MSELoss(),
+            out_dir=tmp_path / "acc", live_plot=False, progress=False,
+        )
+
+    result = train_model(
+        nn.Linear(4, 1), loader, loader, epochs=2, criterion=nn.MSELoss(),
+        out_dir=tmp_path / "loss", monitor="val_loss", live_plot=False, progress=False,
+    )
+    assert result.best_epoch is not None
+    assert (tmp_path / "loss" / "best.pt").exists()
