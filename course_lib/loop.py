@@ -466,7 +466,7 @@ def train_model(
     # as the loop below decides too.
     stopped_early = finished and stopper.should_stop and start_epoch - 1 < epochs
 
-    logger.info(_header_line(monitor))
+    logger.info(_header_line())
     if plot is not None and len(history):
         plot.update(history, best_epoch=stopper.best_epoch)
 
@@ -650,17 +650,20 @@ def _history_row(epoch, train: EpochResult, val: EpochResult, lr, seconds) -> di
     return row
 
 
-def _header_line(monitor: str) -> str:
-    return "epoch | train loss  train acc | val loss  val acc | lr        | time"
+def _header_line() -> str:
+    return (
+        f"{'epoch':>7} | {'train loss':>10} {'train acc':>9} | "
+        f"{'val loss':>8} {'val acc':>7} | {'lr':>8} | {'time':>6}"
+    )
 
 
 def _epoch_line(row: dict, epochs: int, monitor: str, improved: bool) -> str:
-    width = len(str(epochs))
     mark = f"  * best {monitor}" if improved else ""
+    epoch = f"{row['epoch']}/{epochs}"
     return (
-        f"{row['epoch']:>{width}}/{epochs} | {row['train_loss']:.4f}  "
-        f"{100 * row['train_acc']:6.2f}%   | {row['val_loss']:.4f}  "
-        f"{100 * row['val_acc']:6.2f}% | {row['lr']:.2e}  | {row['seconds']:5.1f}s{mark}"
+        f"{epoch:>7} | {row['train_loss']:>10.4f} {100 * row['train_acc']:>8.2f}% | "
+        f"{row['val_loss']:>8.4f} {100 * row['val_acc']:>6.2f}% | "
+        f"{row['lr']:>8.2e} | {row['seconds']:>5.1f}s{mark}"
     )
 
 
