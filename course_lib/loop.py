@@ -565,9 +565,10 @@ def train_model(
         )
         test_loss, test_accuracy = test_result.loss, test_result.accuracy
         test_metrics = test_cm.compute() if test_cm.counts is not None else None
+        logger.info("test loss of best.pt: %.4f", test_loss)
         logger.info(
-            "test of best.pt (epoch %s): loss %.4f, accuracy %.2f%%",
-            stopper.best_epoch, test_loss, 100 * test_accuracy,
+            "test accuracy of best.pt (epoch %s): %.2f%%",
+            stopper.best_epoch, 100 * test_accuracy,
         )
 
     return TrainResult(
