@@ -11,8 +11,11 @@ STAMP := $(VENV)/.installed
 train: $(STAMP)
 	$(PY) -m course_lib train $(ARGS)
 
+# One torch thread per process: the tests run a pytest process, training
+# subprocesses and notebook kernels side by side, and on 2 cores their thread
+# pools would otherwise contend and slow each one down many times over.
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest $(ARGS)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
