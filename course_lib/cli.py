@@ -21,6 +21,8 @@ from .data import (
     random_shift,
 )
 from .device import DEVICE_CHOICES, pick_device, pick_precision
+from .exercises import add_parser as add_exercises_parser
+from .exercises import run_command as run_exercises_command
 from .loop import NonFiniteLossError, prepare_run_folder, train_model
 from .models import MODEL_CHOICES, build_model, count_parameters
 
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: $COURSE_DATA_DIR or ~/.cache/course_lib)")
     train.add_argument("--no-progress", action="store_true",
                        help="hide the per-batch progress bars")
+    add_exercises_parser(commands)
     return parser
 
 
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging()
+    if args.command == "exercises":
+        return run_exercises_command(args)
     try:
         return _train(args, args.subparser)
     except (ValueError, CheckpointError, DatasetUnavailableError,

@@ -1,0 +1,302 @@
+"""Tests of the exercise notebooks, their checks and the exercise generator.
+
+The solved notebooks in solutions/ run under nbval with the rest of the suite.
+These tests cover what nbval cannot: that exercises/ is what the generator
+writes, that every check of an unsolved exercise fails with a "complete this
+part" message, and that typical wrong solutions (tests/fixtures/wrong_solutions)
+fail with a message that names the mistake.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from course_lib import checks, cli, trajectories
+from course_lib.exercises import (
+    ExerciseSourceError,
+    make_exercise,
+    stale_exercises,
+    strip_regions,
+    strip_whole_cell,
+    write_exercises,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTIONS = ROOT / "solutions"
+EXERCISES = ROOT / "exercises"
+WRONG = Path(__file__).resolve().parent / "fixtures" / "wrong_solutions"
+NOTEBOOKS = sorted(path.name for path in SOLUTIONS.glob("18_5_*.ipynb"))
+
+
+def load_fixture(name: str):
+    spec = importlib.util.spec_from_file_location(f"wrong_{name}", WRONG / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_diagnose(history) -> str:
+    features = trajectories.curve_features(history["train_acc"], history["val_acc"])
+    return trajectories.label_from_features(features)
+
+
+# --- the generator ------------------------------------------------------------
+
+
+def test_exercises_folder_up_to_date():
+    status = cli.main(["exercises", "--check", "--solutions", str(SOLUTIONS),
+                       "--exercises", str(EXERCISES)])
+
+    assert status == 0, "run python -m course_lib exercises and commit exercises/"
+
+
+def test_check_reports_changed_solution(tmp_path):
+    solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
+    shutil.copytree(SOLUTIONS, solutions)
+    write_exercises(solutions, exercises)
+    assert stale_exercises(solutions, exercises) == []
+
+    path = solutions / NOTEBOOKS[0]
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells.append(nbformat.v4.new_markdown_cell("A new paragraph."))
+    nbformat.write(notebook, path)
+    (exercises / "orphan.ipynb").write_text("{}", encoding="utf-8")
+
+    assert stale_exercises(solutions, exercises) == [NOTEBOOKS[0], "orphan.ipynb"]
+    status = cli.main(["exercises", "--check", "--solutions", str(solutions),
+                       "--exercises", str(exercises)])
+    assert status == 1
+
+
+def test_write_removes_orphan_exercise(tmp_path):
+    solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
+    shutil.copytree(SOLUTIONS, solutions)
+    exercises.mkdir()
+    (exercises / "orphan.ipynb").write_text("{}", encoding="utf-8")
+
+    write_exercises(solutions, exercises)
+
+    assert sorted(p.name for p in exercises.glob("*.ipynb")) == NOTEBOOKS
+
+
+def test_region_becomes_indented_stub():
+    source = (
+        "def f(x):\n"
+        "    y = 1\n"
+        "    # BEGIN SOLUTION: Return x plus y\n"
+        "    return x + y\n"
+        "    # END SOLUTION\n"
+        "print(f(1))"
+    )
+
+    stubbed = strip_regions(source, "test")
+
+    assert stubbed.splitlines() == [
+        "def f(x):",
+        "    y = 1",
+        "    # YOUR CODE HERE",
+        "    raise NotImplementedError('Return x plus y.')",
+        "print(f(1))",
+    ]
+
+
+def test_long_hint_wraps_into_valid_code():
+    hint = "Part 2: " + "write the code that does one more thing " * 5
+    source = f"# BEGIN SOLUTION: {hint}\nx = 1\n# END SOLUTION"
+
+    stubbed = strip_regions(source, "test")
+
+    assert max(len(line) for line in stubbed.splitlines()) <= 88
+    with pytest.raises(NotImplementedError) as raised:
+        exec(compile(stubbed, "stub", "exec"), {})
+    assert str(raised.value) == " ".join(hint.split()) + "."
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("# BEGIN SOLUTION\nx = 1\n# END SOLUTION", "needs a message"),
+        ("# BEGIN SOLUTION: a\n# BEGIN SOLUTION: b\n# END SOLUTION", "inside another"),
+        ("x = 1\n# END SOLUTION", "without a BEGIN"),
+        ("# BEGIN SOLUTION: a\nx = 1", "never closed"),
+    ],
+)
+def test_bad_markers_rejected(source, message):
+    with pytest.raises(ExerciseSourceError, match=message):
+        strip_regions(source, "test")
+
+
+def test_whole_cell_keeps_leading_comments():
+    stubbed = strip_whole_cell("# Build the model.\nmodel = 1", "test")
+
+    assert stubbed.splitlines() == [
+        "# Build the model.",
+        "# YOUR CODE HERE",
+        "raise NotImplementedError('Build the model.')",
+    ]
+
+
+def test_whole_cell_needs_comment():
+    with pytest.raises(ExerciseSourceError, match="must start with a comment"):
+        strip_whole_cell("model = 1", "test")
+
+
+def test_untagged_region_rejected():
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("# BEGIN SOLUTION: a\n# END SOLUTION")]
+
+    with pytest.raises(ExerciseSourceError, match="no 'solution' tag"):
+        make_exercise(notebook)
+
+
+def test_notebook_without_solutions_rejected():
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("x = 1")]
+
+    with pytest.raises(ExerciseSourceError, match="no cells tagged"):
+        make_exercise(notebook)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_exercise_hides_solutions(name):
+    solution = nbformat.read(SOLUTIONS / name, as_version=4)
+    exercise = nbformat.read(EXERCISES / name, as_version=4)
+    tagged = [c for c in solution.cells if "solution" in c.metadata.get("tags", [])]
+    stubs = [c for c in exercise.cells if "solution" in c.metadata.get("tags", [])]
+
+    assert "/blob/main/exercises/" in exercise.cells[0].source
+    assert len(stubs) == sum(c.cell_type == "code" for c in tagged)
+    for cell in stubs:
+        assert "raise NotImplementedError" in cell.source
+        assert "BEGIN SOLUTION" not in cell.source
+    for cell in exercise.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == []
+            assert cell.execution_count is None
+
+
+# --- unsolved exercises -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_unsolved_exercise_checks_ask_to_complete(name, tmp_path):
+    notebook = nbformat.read(EXERCISES / name, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", allow_errors=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+
+    client.execute()
+
+    check_cells = [c for c in notebook.cells if "check" in c.metadata.get("tags", [])]
+    assert check_cells
+    for cell in check_cells:
+        errors = [o for o in cell.outputs if o.output_type == "error"]
+        assert len(errors) == 1, cell.source
+        assert errors[0].ename == "ExerciseIncomplete", (cell.source, errors[0].evalue)
+        assert "Complete part" in errors[0].evalue, errors[0].evalue
+    for cell in notebook.cells:
+        if "solution" in cell.metadata.get("tags", []):
+            errors = [o for o in cell.outputs if o.output_type == "error"]
+            if errors:
+                assert errors[0].ename == "NotImplementedError", cell.source
+
+
+# --- exercise 18.5.1 ----------------------------------------------------------
+
+
+def test_recorded_runs_match_their_settings():
+    runs = trajectories.load_trajectories()
+
+    assert list(runs) == list(trajectories.RUNS)
+    for key, run in runs.items():
+        settings = trajectories.RUNS[key]
+        assert run["label"] == settings["label"]
+        assert run["title"] == settings["title"]
+        assert run["settings"] == {
+            k: v for k, v in settings.items() if k not in ("label", "title")
+        }
+        assert len(run["history"]) == settings["epochs"]
+
+
+@pytest.mark.slow
+def test_recorded_run_reproduces():
+    # The undertrained run is the shortest. Retraining it shows that the
+    # stored file comes from the settings in RUNS.
+    stored = trajectories.load_trajectories()["c"]["history"]
+
+    columns = trajectories.train_trajectory("c")
+
+    for column in ("train_acc", "val_acc", "train_loss", "val_loss"):
+        for got, expected in zip(columns[column], stored[column]):
+            assert got == pytest.approx(expected, abs=0.01), column
+
+
+def test_bank_labels_hold_with_margin():
+    cases = trajectories.diagnosis_cases()
+
+    assert len({case["id"] for case in cases}) == len(cases) == 40
+    for case in cases:
+        features = trajectories.curve_features(
+            case["history"]["train_acc"], case["history"]["val_acc"]
+        )
+        assert trajectories.label_from_features(features) == case["label"], case["id"]
+
+
+def test_diagnose_scores_separate_from_run():
+    results = json.loads(json.dumps(checks.run_diagnose(reference_diagnose)))
+
+    assert "5 recorded runs and 35 hidden" in checks.score_diagnose(results)
+
+
+def test_diagnose_wrong_label_named():
+    with pytest.raises(checks.CheckFailed, match="recorded run recorded-a is underfitting"):
+        checks.check_diagnose(lambda history: "healthy")
+
+
+def test_diagnose_unfinished_asks_to_complete():
+    def unfinished(history):
+        raise NotImplementedError("Part 2: apply the rules")
+
+    with pytest.raises(checks.ExerciseIncomplete, match="Complete part 2"):
+        checks.check_diagnose(unfinished)
+
+
+def test_diagnose_loss_columns_rejected():
+    def uses_loss(history):
+        history["val_loss"]
+        return reference_diagnose(history)
+
+    with pytest.raises(checks.CheckFailed, match="raised KeyError"):
+        checks.check_diagnose(uses_loss)
+
+
+def test_curve_answers_missing_named():
+    answers = checks.empty_curve_answers()
+    answers["a"] = {"condition": "underfitting", "fix": "use a larger model",
+                    "lesson": 6}
+
+    with pytest.raises(checks.ExerciseIncomplete, match=r"\(b\) condition, fix, lesson"):
+        checks.check_curve_answers(answers)
+
+
+def test_curve_answers_wrong_condition_hinted():
+    answers = {
+        "a": {"condition": "underfitting", "fix": "use a larger model", "lesson": 6},
+        "b": {"condition": "underfitting", "fix": "use a larger model", "lesson": 6},
+        "c": {"condition": "undertraining", "fix": "train for more epochs",
+              "lesson": 3},
+        "d": {"condition": "instability", "fix": "lower the learning rate",
+              "lesson": 6},
+    }
+
+    with pytest.raises(checks.CheckFailed, match=r"\(b\) is not underfitting"):
+        checks.check_curve_answers(answers)
