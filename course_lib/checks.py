@@ -799,28 +799,38 @@ def score_evaluate(result: Mapping[str, Any]) -> str:
         )
     reference = _evaluate_reference()
     got = result["value"]
-    for key in _EVALUATE_KEYS:
-        expected = reference["epoch"][key]
-        if abs(got[key] - expected) <= 1e-5:
-            continue
-        if abs(got[key] - reference["per_batch"][key]) <= 1e-5:
-            if key == "loss":
-                raise CheckFailed(
-                    f"the loss is averaged per batch ({got[key]:.4f} instead of "
-                    f"{expected:.4f}): the short last batch counts as much as a full "
-                    "one. Sum loss * batch size and divide by the number of samples."
-                )
-            raise CheckFailed(
-                f"{key} is averaged per batch ({got[key]:.4f} instead of "
-                f"{expected:.4f}). A batch with one positive then counts as much as "
-                "one with ten, and a batch without positives adds 0. Collect the "
-                "predictions and targets of the whole epoch (or their TP, FP, FN "
-                f"counts) and compute {key} once, at the end."
-            )
+    wrong = [key for key in _EVALUATE_KEYS
+             if abs(got[key] - reference["epoch"][key]) > 1e-5]
+    per_batch = [key for key in wrong
+                 if abs(got[key] - reference["per_batch"][key]) <= 1e-5]
+    if "loss" in per_batch:
         raise CheckFailed(
-            f"evaluate returned {key} {got[key]:.4f}, expected {expected:.4f} on a "
-            "fixed model and loader. Compute the loss as the mean cross-entropy "
-            "over all samples and the metrics from the epoch's predictions."
+            f"the loss is averaged per batch ({got['loss']:.4f} instead of "
+            f"{reference['epoch']['loss']:.4f}), so the short last batch counts as "
+            "much as a full one. Sum loss * batch size and divide by the number "
+            "of samples."
+        )
+    if per_batch:
+        names = " and ".join([", ".join(per_batch[:-1]), per_batch[-1]]
+                             if len(per_batch) > 1 else per_batch)
+        values = ", ".join(
+            f"{key} {got[key]:.4f} instead of {reference['epoch'][key]:.4f}"
+            for key in per_batch
+        )
+        raise CheckFailed(
+            f"{names} {'are' if len(per_batch) > 1 else 'is'} averaged per batch "
+            f"({values}). A batch with one positive then "
+            "counts as much as one with ten, and a batch without positives adds 0. "
+            "Collect the predictions and targets of the whole epoch (or its TP, "
+            "FP and FN counts) and compute the metrics once, at the end."
+        )
+    if wrong:
+        key = wrong[0]
+        raise CheckFailed(
+            f"evaluate returned {key} {got[key]:.4f}, expected "
+            f"{reference['epoch'][key]:.4f} on a fixed model and loader. Compute "
+            "the loss as the mean cross-entropy over all samples and the metrics "
+            "from the epoch's predictions."
         )
     return "evaluate computes the loss and the class-1 metrics over the whole epoch"
 
@@ -984,7 +994,8 @@ def score_fixed_run(result: Mapping[str, Any]) -> str:
         )
     if len(weights) == 2 and weights[1] < weights[0]:
         raise CheckFailed(
-            f"inverted class weights: the run used {weights}, which gives class 0, "
+            f"inverted class weights: the run used [{weights[0]:.3f}, "
+            f"{weights[1]:.3f}], which gives class 0, "
             "the common class, the larger weight. Weight each class by the inverse "
             "of its count, so that class 1 gets the larger weight."
         )

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from course_lib import checks, cli, trajectories
@@ -300,3 +302,87 @@ def test_curve_answers_wrong_condition_hinted():
 
     with pytest.raises(checks.CheckFailed, match=r"\(b\) is not underfitting"):
         checks.check_curve_answers(answers)
+
+
+# --- exercise 18.5.3 ----------------------------------------------------------
+
+
+def correct_metrics(preds, targets):
+    return load_fixture("f1_per_batch").positive_class_metrics(preds, targets)
+
+
+def run_history(recall, f1, epochs=6):
+    return {
+        "epoch": list(range(1, epochs + 1)),
+        "train_loss": [0.3 - 0.02 * e for e in range(epochs)],
+        "val_loss": [0.23 - 0.012 * e for e in range(epochs)],
+        "val_acc": [0.949] * epochs,
+        "val_recall": [recall] * epochs,
+        "val_f1": [f1] * epochs,
+    }
+
+
+def test_f1_per_batch_named():
+    wrong = load_fixture("f1_per_batch")
+
+    with pytest.raises(checks.CheckFailed, match="f1 are averaged per batch"):
+        checks.check_evaluate(wrong.evaluate)
+
+
+def test_inverted_class_weights_named():
+    wrong = load_fixture("inverted_class_weights")
+
+    with pytest.raises(checks.CheckFailed, match="^inverted class weights"):
+        checks.check_class_weights(wrong.class_weights)
+
+
+def test_inverted_weights_fail_run_check():
+    wrong = load_fixture("inverted_class_weights")
+    weights = wrong.class_weights(torch.tensor([0] * 95 + [1] * 5))
+
+    with pytest.raises(checks.CheckFailed, match="^inverted class weights"):
+        checks.check_fixed_run(run_history(0.9, 0.6), run_history(0.0, 0.0), weights)
+
+
+def test_metrics_zero_division_named():
+    def nan_when_undefined(preds, targets):
+        true_pos = int(((preds == 1) & (targets == 1)).sum())
+        predicted, actual = int((preds == 1).sum()), int((targets == 1).sum())
+        precision = true_pos / predicted if predicted else math.nan
+        recall = true_pos / actual if actual else math.nan
+        f1 = 2 * true_pos / (predicted + actual) if predicted + actual else math.nan
+        return {"precision": precision, "recall": recall, "f1": f1}
+
+    with pytest.raises(checks.CheckFailed, match="no predicted positives.*zero-division"):
+        checks.check_positive_class_metrics(nan_when_undefined)
+
+
+def test_metrics_scores_separate_from_run():
+    results = json.loads(json.dumps(checks.run_positive_class_metrics(correct_metrics)))
+
+    assert "9 hidden cases" in checks.score_positive_class_metrics(results)
+
+
+def test_evaluate_scores_separate_from_run():
+    wrong = load_fixture("f1_per_batch")
+    results = json.loads(json.dumps(checks.run_evaluate(wrong.evaluate)))
+
+    with pytest.raises(checks.CheckFailed, match="averaged per batch"):
+        checks.score_evaluate(results)
+
+
+def test_pathological_run_rejects_recall():
+    with pytest.raises(checks.CheckFailed, match="recall reached 0.40"):
+        checks.check_pathological_run(run_history(0.4, 0.5))
+
+
+def test_fixed_run_rejects_low_f1():
+    weights = torch.tensor([0.5, 10.0])
+
+    with pytest.raises(checks.CheckFailed, match="F1 0.20"):
+        checks.check_fixed_run(run_history(0.9, 0.2), run_history(0.0, 0.0), weights)
+
+
+def test_fixed_run_unfinished_asks_to_complete():
+    with pytest.raises(checks.ExerciseIncomplete, match="Complete part 3"):
+        checks.check_fixed_run(None, None, None)
