@@ -112,6 +112,10 @@ def load_dataset(
     the test split, and `val_fraction` of their training set is held out for
     validation.
 
+    NOTE: the bundled splits keep the file's order, which is sorted by class,
+    so ``splits.train.images[:64]`` are all zeros. The training loader
+    shuffles, but draw a random sample before showing or batching images by hand.
+
     Raises:
         ValueError: for an unknown name or fractions outside (0, 1).
         DatasetUnavailableError: when a torchvision set is neither cached nor
