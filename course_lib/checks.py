@@ -308,7 +308,7 @@ def score_optimizer_explanation(result: Mapping[str, Any]) -> str:
     text = result.get("text")
     if text is None or not str(text).strip():
         raise ExerciseIncomplete(
-            "Complete part 3: set why_optimizer_state to your answer, a string of "
+            "Complete part 2: set why_optimizer_state to your answer, a string of "
             "a few sentences."
         )
     if not isinstance(text, str):
@@ -392,13 +392,13 @@ def score_resume(results: Mapping[str, Any]) -> str:
     if first is not None and first <= done:
         raise CheckFailed(
             f"off-by-one on resume: the restarted run repeated epoch {first}, which "
-            f"the killed run had already finished (last.pt holds epoch {done}). "
+            f"the killed run had already finished (last.pt contains epoch {done}). "
             "Start at the saved epoch + 1, so that no epoch runs twice."
         )
     if first is not None and first > done + 1:
         raise CheckFailed(
             f"off-by-one on resume: the restarted run skipped to epoch {first}, but "
-            f"last.pt holds epoch {done}, so epoch {done + 1} never ran. Start at "
+            f"last.pt contains epoch {done}, so epoch {done + 1} never ran. Start at "
             "the saved epoch + 1."
         )
     if resumed_epochs != list(range(done + 1, epochs + 1)):
@@ -443,7 +443,7 @@ _RUN_NAMES = {
 def _raise_for_run_error(name: str, run: Mapping[str, Any]) -> None:
     errors = [event for event in run["events"] if event["event"] == "error"]
     if errors:
-        _raise_for_error(errors[0], "part 2", f"train_model in {_RUN_NAMES[name]}")
+        _raise_for_error(errors[0], "part 1", f"train_model in {_RUN_NAMES[name]}")
     if run.get("timed_out"):
         raise CheckFailed(
             f"{_RUN_NAMES[name]} timed out; check train_model for a loop that "
@@ -475,8 +475,9 @@ def _check_last_pt(last_pt: Mapping[str, Any], done: int) -> None:
             f"last.pt does not load with weights_only=True ({last_pt['error']}). "
             "Save only state_dicts, numbers and strings, with cl.save_checkpoint."
         )
-    missing = [key for key in ("model", "optimizer", "scheduler", "epoch")
-               if key not in last_pt["keys"]]
+    from .resume_trial import REQUIRED_KEYS
+
+    missing = [key for key in REQUIRED_KEYS if key not in last_pt["keys"]]
     if missing:
         raise CheckFailed(
             f"last.pt lacks the keys {missing} (it has {last_pt['keys']}); save the "
@@ -484,7 +485,7 @@ def _check_last_pt(last_pt: Mapping[str, Any], done: int) -> None:
         )
     if last_pt["epoch"] != done:
         raise CheckFailed(
-            f"last.pt says epoch {last_pt['epoch']!r}, but the killed run had "
+            f"last.pt stores epoch {last_pt['epoch']!r}, but the killed run had "
             f"finished {done} epochs; store the number of the epoch just finished."
         )
 
@@ -765,7 +766,8 @@ def _evaluate_reference() -> dict[str, Any]:
     for start in range(0, len(targets), batch_size):
         part = slice(start, start + batch_size)
         metrics = _reference_metrics(preds[part], targets[part])
-        metrics["loss"] = float(nn.functional.cross_entropy(logits[part], targets[part]))
+        batch_loss = nn.functional.cross_entropy(logits[part], targets[part])
+        metrics["loss"] = float(batch_loss)
         metrics["accuracy"] = float((preds[part] == targets[part]).double().mean())
         for key in _EVALUATE_KEYS:
             batch_values[key].append(metrics[key])

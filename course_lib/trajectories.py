@@ -304,7 +304,8 @@ def record_trajectories(path: str | Path | None = None, keys=None) -> Path:
             },
         }
     document = {
-        "description": "Per-epoch histories recorded by python -m course_lib.trajectories",
+        "description": "Per-epoch histories written by "
+        "python -m course_lib.trajectories",
         "recorded_with": {
             "torch": torch.__version__,
             "platform": f"{platform.system()} {platform.machine()}",

@@ -260,7 +260,9 @@ def test_diagnose_scores_separate_from_run():
 
 
 def test_diagnose_wrong_label_named():
-    with pytest.raises(checks.CheckFailed, match="recorded run recorded-a is underfitting"):
+    expected = "recorded run recorded-a is underfitting"
+
+    with pytest.raises(checks.CheckFailed, match=expected):
         checks.check_diagnose(lambda history: "healthy")
 
 
@@ -286,7 +288,9 @@ def test_curve_answers_missing_named():
     answers["a"] = {"condition": "underfitting", "fix": "use a larger model",
                     "lesson": 6}
 
-    with pytest.raises(checks.ExerciseIncomplete, match=r"\(b\) condition, fix, lesson"):
+    expected = r"\(b\) condition, fix, lesson"
+
+    with pytest.raises(checks.ExerciseIncomplete, match=expected):
         checks.check_curve_answers(answers)
 
 
@@ -353,7 +357,9 @@ def test_metrics_zero_division_named():
         f1 = 2 * true_pos / (predicted + actual) if predicted + actual else math.nan
         return {"precision": precision, "recall": recall, "f1": f1}
 
-    with pytest.raises(checks.CheckFailed, match="no predicted positives.*zero-division"):
+    expected = "no predicted positives.*zero-division"
+
+    with pytest.raises(checks.CheckFailed, match=expected):
         checks.check_positive_class_metrics(nan_when_undefined)
 
 
@@ -386,3 +392,110 @@ def test_fixed_run_rejects_low_f1():
 def test_fixed_run_unfinished_asks_to_complete():
     with pytest.raises(checks.ExerciseIncomplete, match="Complete part 3"):
         checks.check_fixed_run(None, None, None)
+
+
+# --- exercise 18.5.2 ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_without_optimizer_named():
+    expected = "^optimizer state not restored"
+
+    with pytest.raises(checks.CheckFailed, match=expected) as raised:
+        checks.check_resume(WRONG / "resume_without_optimizer.py")
+
+    assert "scheduler state not restored" in str(raised.value)
+    assert "the final weights differ" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_resume_off_by_one_named():
+    expected = "off-by-one on resume.*repeated epoch 3"
+
+    with pytest.raises(checks.CheckFailed, match=expected):
+        checks.check_resume(WRONG / "resume_off_by_one.py")
+
+
+def trial_results(resumed_epochs, last_epoch=3, weights=None):
+    """Return run_resume_trial output for a killed run that finished 3 epochs."""
+    def epoch_events(epochs, first_step):
+        events = []
+        for index, epoch in enumerate(epochs):
+            steps = [{"event": "step", "step": first_step + 8 * index + k, "lr": 1e-3,
+                      "state_entries": 6, "state_step": 24.0, "param_sum": 1.0}
+                     for k in range(8)]
+            events += steps + [{"event": "epoch", "epoch": epoch, "loss": 1.0,
+                                "steps": first_step + 8 * index + 7}]
+        return events
+
+    return {
+        "epochs": 6, "kill_epoch": 4, "kill_step": 3,
+        "runs": {
+            "uninterrupted": {"events": epoch_events(range(1, 7), 1)
+                              + [{"event": "done"}],
+                              "weights": weights, "timed_out": False,
+                              "returncode": 0, "stderr_tail": ""},
+            "killed": {"events": epoch_events(range(1, 4), 1), "killed": True,
+                       "weights": None, "timed_out": False, "returncode": -9,
+                       "stderr_tail": ""},
+            "resumed": {"events": epoch_events(resumed_epochs, 1)
+                        + [{"event": "done"}],
+                        "weights": weights, "timed_out": False,
+                        "returncode": 0, "stderr_tail": ""},
+        },
+        "last_pt": {"exists": True, "keys": ["epoch", "model", "optimizer",
+                                             "scheduler"],
+                    "epoch": last_epoch, "error": None},
+    }
+
+
+def test_resume_skipped_epoch_named():
+    with pytest.raises(checks.CheckFailed, match="skipped to epoch 5"):
+        checks.score_resume(trial_results([5, 6]))
+
+
+def test_resume_restart_from_scratch_named():
+    with pytest.raises(checks.CheckFailed, match="began again at epoch 1"):
+        checks.score_resume(trial_results(range(1, 7)))
+
+
+def test_resume_wrong_saved_epoch_named():
+    with pytest.raises(checks.CheckFailed, match="last.pt stores epoch 2"):
+        checks.score_resume(trial_results([4, 5, 6], last_epoch=2))
+
+
+def test_resume_missing_key_named():
+    results = trial_results([4, 5, 6])
+    results["last_pt"]["keys"] = ["epoch", "model"]
+
+    with pytest.raises(checks.CheckFailed, match=r"lacks the keys \['optimizer', "):
+        checks.score_resume(results)
+
+
+def test_resume_unfinished_asks_to_complete():
+    results = trial_results([4, 5, 6])
+    results["runs"]["uninterrupted"]["events"] = [
+        {"event": "error", "type": "NotImplementedError",
+         "message": "Part 1 (resume): load last.pt", "where": "train_model, line 30"}
+    ]
+
+    with pytest.raises(checks.ExerciseIncomplete, match="Complete part 1"):
+        checks.score_resume(results)
+
+
+def test_resume_matching_trial_passes(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(3)}, weights)
+    results = json.loads(json.dumps(trial_results([4, 5, 6], weights=str(weights))))
+
+    assert "resumed from last.pt at epoch 4" in checks.score_resume(results)
+
+
+def test_explanation_too_short_rejected():
+    with pytest.raises(checks.CheckFailed, match="has 4 words"):
+        checks.check_optimizer_explanation("It keeps momentum buffers.")
+
+
+def test_explanation_missing_asks_to_complete():
+    with pytest.raises(checks.ExerciseIncomplete, match="Complete part 2"):
+        checks.check_optimizer_explanation(None)
