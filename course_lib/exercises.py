@@ -48,7 +48,10 @@ class ExerciseSourceError(ValueError):
 def stub_lines(indent: str, hint: str) -> list[str]:
     """Return the lines that replace one solution region."""
     message = hint.strip().rstrip(".") + "."
-    chunks = textwrap.wrap(message, _HINT_WIDTH, drop_whitespace=False) or [message]
+    chunks = textwrap.wrap(message, _HINT_WIDTH, break_on_hyphens=False) or [message]
+    # Each chunk but the last keeps a trailing space, so that the implicit
+    # concatenation of the string literals gives the message back.
+    chunks = [chunk + " " for chunk in chunks[:-1]] + chunks[-1:]
     if len(chunks) == 1:
         return [f"{indent}{STUB_COMMENT}",
                 f"{indent}raise NotImplementedError({chunks[0]!r})"]
