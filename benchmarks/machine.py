@@ -22,9 +22,11 @@ def describe_machine(
     device_text = f"{device} ({precision.name})"
     if device.type == "cuda":
         device_text += f", {torch.cuda.get_device_name(device)}"
+    threads = torch.get_num_threads()
+    thread_text = "1 intra-op thread" if threads == 1 else f"{threads} intra-op threads"
     return [
         ("cpu", f"{cpu_model()}, {cores}"),
-        ("torch", f"{torch.__version__}, {torch.get_num_threads()} intra-op threads"),
+        ("torch", f"{torch.__version__}, {thread_text}"),
         ("device", device_text),
         ("python", f"{platform.python_version()} on {platform.platform()}"),
         ("load average", f"{load_average()} at the start"),
