@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time train_model against a bare loop, TensorLoader against "
         "DataLoader, and the default train command.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--quick",
@@ -57,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
+        metavar="N",
         help="measured repetitions of the overhead comparison "
         "(default: 3, or 2 with --quick)",
     )
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=None,
+        metavar="N",
         help="epochs per repetition, at least 2 (default: the train command's "
         "default, or 2 with --quick)",
     )
@@ -71,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="auto",
         choices=DEVICE_CHOICES,
-        help="auto picks cuda, then mps, then cpu, as the train command does",
+        help="auto picks cuda, then mps, then cpu, as the train command does "
+        "(default: auto)",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
+        metavar="N",
         help="torch intra-op threads, also passed to the train command as "
         "OMP_NUM_THREADS (default: torch's choice)",
     )
@@ -85,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=SECTIONS,
         default=list(SECTIONS),
-        help="measurements to run: loop overhead, the cost of each piece of "
-        "train_model's extra work, loader speed, and one run of "
-        "python -m course_lib train",
+        metavar="SECTION",
+        help="measurements to run, from: overhead (train_model against the "
+        "bare loop), breakdown (each piece of train_model's extra work), "
+        "loaders, train-command (default: all four)",
     )
     return parser
 
