@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# Files that a training run writes atomically, plus the folder's write probe.
+_RUN_FILE_NAMES = ("best.pt", "last.pt", "history.csv", "curves.png", "write-probe")
 TEMP_SUFFIX = ".tmp"
 
 
@@ -92,9 +94,15 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> 
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that a killed write left in `folder`."""
+    """Delete temporary files that a killed write of course_lib left in `folder`.
+
+    Only the names that `_write_atomic` and the folder check create are
+    matched (``.last.pt.XXXX.tmp`` and the like), so other files stay.
+    """
     removed = []
-    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+    patterns = [f".{name}.*{TEMP_SUFFIX}" for name in _RUN_FILE_NAMES]
+    candidates = [tmp for pattern in patterns for tmp in Path(folder).glob(pattern)]
+    for tmp in candidates:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed.append(tmp)

@@ -195,6 +195,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         patience=args.patience, monitor=args.monitor, device=device,
         out_dir=out_dir, resume=args.resume,
+        run_config={
+            "dataset": args.dataset, "model": args.model, "width": args.width,
+            "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+            "weight_decay": args.weight_decay, "augment": not args.no_augment,
+        },
         progress=False if args.no_progress else None,
     )
     # train_model logs the test accuracy of best.pt as its last line.

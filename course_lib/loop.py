@@ -357,6 +357,7 @@ def train_model(
     live_plot: bool | LiveCurves | None = "auto",
     progress: bool | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model`, keep the best weights, and test them once.
 
@@ -389,6 +390,8 @@ def train_model(
         progress: show progress bars; None shows them on a terminal or in Jupyter.
         on_epoch_end: called with the epoch and its history row after the
             epoch's checkpoints are written.
+        run_config: further settings (numbers and strings) stored in last.pt;
+            a resume with a different value for any of them is rejected.
 
     Raises:
         ValueError: for epochs or patience below 1, an unknown monitor, an
@@ -431,7 +434,7 @@ def train_model(
     history = History()
     start_epoch = 1
     finished = False
-    config = {"epochs": epochs, "monitor": monitor}
+    config = {**(run_config or {}), "epochs": epochs, "monitor": monitor}
 
     if resume and last_path.exists():
         state = load_checkpoint(
@@ -456,6 +459,12 @@ def train_model(
         logger.info(
             "resumed %s at epoch %d of %d%s", last_path, state["epoch"], epochs,
             " (the run had finished)" if finished else "",
+        )
+    elif resume and best_path.exists():
+        raise CheckpointError(
+            f"{out_dir} has best.pt but no last.pt, so the run cannot be resumed "
+            "and a new run would overwrite best.pt; copy best.pt elsewhere or "
+            "choose a new out_dir"
         )
     elif resume:
         logger.info("no %s yet; starting a new run", last_path)
@@ -629,8 +638,8 @@ def _check_resume_config(saved: dict, current: dict, path: Path) -> None:
         if saved.get(key) != value:
             raise CheckpointError(
                 f"{path} was written by a run with {key}={saved.get(key)!r}, but "
-                f"this run has {key}={value!r}; pass {key}={saved.get(key)!r} to "
-                "resume it, or start a new run in another folder"
+                f"this run has {key}={value!r}; resume with {key} set to "
+                f"{saved.get(key)!r}, or start a new run in another folder"
             )
 
 
