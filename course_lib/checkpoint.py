@@ -164,9 +164,10 @@ def load_checkpoint(
             name = match.group(1)
             raise CheckpointError(
                 f"{path} needs unsafe unpickling of the global {name}, which could "
-                "run arbitrary code, so it was not loaded. If you trust the file, "
-                f"allow that class with torch.serialization.add_safe_globals([{name}]) "
-                "and load it again."
+                "run arbitrary code, so it was not loaded. Only if you trust the "
+                f"file and {name} is a plain data class (never a function such as "
+                "os.system), allow it with torch.serialization.add_safe_globals "
+                "and load the file again."
             ) from None
         raise CheckpointError(
             f"{path} could not be unpickled ({_first_line(err)}); "
