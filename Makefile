@@ -21,7 +21,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab
+	$(VENV)/bin/jupyter lab $(ARGS)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or later is needed, found " + sys.version.split()[0] + "; run make with PYTHON=python3.X")'
