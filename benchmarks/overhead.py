@@ -5,6 +5,11 @@ Both variants run in one process, in lockstep. `train_model` calls its
 the bare loop before it returns. The epochs therefore alternate (train_model,
 bare, train_model, bare, ...), so load from other processes falls on both.
 The callback's own time is outside both measurements.
+
+NOTE: LiveCurves writes curves.png at most every 10 s of wall-clock time, and
+the bare epochs run inside that time. With epochs shorter than 10 s,
+train_model therefore writes curves.png up to twice as often as it would
+alone, which overstates the ratio.
 """
 
 from __future__ import annotations
