@@ -196,8 +196,8 @@ class _Lockstep:
 
     Dropout draws from the global random generator, which both variants
     share. The callback swaps the generator state around each bare epoch, so
-    each variant sees the stream it would see alone and both models get the
-    same dropout masks.
+    each variant draws the numbers it would draw alone and both models get
+    the same dropout masks.
     """
 
     def __init__(self, model: torch.nn.Module, bare: BareLoop, device: torch.device):
