@@ -125,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _width_option(args: argparse.Namespace) -> dict[str, int]:
-    width = args.width if args.width is not None else (32 if args.model == "cnn" else 256)
-    return {"width": width} if args.model == "cnn" else {"hidden": width}
+    if args.model == "cnn":
+        width = args.width if args.width is not None else 32
+        return {"width": width}
+    hidden = args.width if args.width is not None else 256
+    return {"hidden": hidden}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,10 @@ CURVES_NAME = "curves.png"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; `epoch` and `batch` say where first."""
+    """Error raised when the loss becomes NaN or infinite.
+
+    `epoch` and `batch` give the first batch where it happened.
+    """
 
     def __init__(self, message: str, epoch: int | None, batch: int, phase: str):
         super().__init__(message)
@@ -311,7 +314,7 @@ def _check_positive_int(name: str, value) -> None:
 
 @dataclass
 class TrainResult:
-    """What `train_model` returns.
+    """Result of a `train_model` run.
 
     Attributes:
         history: one row per epoch trained, including epochs before a resume.
@@ -411,7 +414,7 @@ def train_model(
     last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
     if not resume and (last_path.exists() or best_path.exists()):
         raise ValueError(
-            f"{out_dir} already holds checkpoints of another run; pass resume=True "
+            f"{out_dir} already contains checkpoints of another run; pass resume=True "
             "(--resume) to continue it, or choose a new out_dir (--out)"
         )
     for stale in remove_stale_temp_files(out_dir):

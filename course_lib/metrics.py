@@ -1,9 +1,9 @@
 """Classification metrics computed from a confusion matrix.
 
 Every metric here comes from counts accumulated over a whole phase, never from
-an average of per-batch values: the F1 of each batch weights a batch with one
-positive the same as a batch with fifty, so the average of batch F1 values is
-not the F1 of the epoch.
+an average of per-batch values. A per-batch F1 weights a batch with one positive
+the same as a batch with fifty, so the mean of batch F1 values is not the F1 of
+the epoch.
 
 Zero-division rule: when a ratio has a zero denominator (precision of a class
 that is never predicted, recall of a class that never occurs, F1 when both

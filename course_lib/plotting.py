@@ -56,8 +56,8 @@ class LiveCurves:
     """Train and validation loss and metric curves in one figure.
 
     Call `update` after each epoch and `close` at the end. In Jupyter the
-    figure appears once and each update replaces it in place; elsewhere, and
-    also at `close` when `save_path` is set, it is saved as a PNG.
+    figure appears once and each update replaces it in place. Elsewhere it is
+    saved as a PNG, and so it is at `close` whenever `save_path` is set.
 
     Args:
         save_path: where to write the PNG; None keeps it in the notebook only.
