@@ -19,8 +19,9 @@ import torch
 class ConfusionMatrix:
     """Counts of (true class, predicted class) pairs, accumulated on the device.
 
-    ``update`` adds one batch without copying anything to the host, so it does
-    not stall a GPU. ``compute`` reads the counts once.
+    ``update`` keeps the counts on the device. It reads back only the min and
+    max class index of the batch, to reject indices outside 0..num_classes - 1.
+    ``compute`` reads the counts once.
 
     Example:
         >>> cm = ConfusionMatrix(num_classes=3)
@@ -61,22 +62,32 @@ class ConfusionMatrix:
             targets: true class indices of shape (N,).
             num_classes: sets the number of classes on the first update of a
                 matrix created without one; logits of shape (N, C) set it too.
+
+        Raises:
+            ValueError: if a predicted or true class index is outside
+                0..num_classes - 1. The counts stay as they were.
         """
         if logits_or_preds.ndim == 2:
             num_classes = num_classes or logits_or_preds.shape[1]
             preds = logits_or_preds.argmax(dim=1)
         else:
             preds = logits_or_preds
+        if self.counts is None and num_classes is None:
+            raise ValueError(
+                "this ConfusionMatrix has no num_classes yet; pass logits of "
+                "shape (N, C) or num_classes=C to the first update"
+            )
+        k = self.num_classes if self.counts is not None else max(int(num_classes), 2)
+        preds = preds.to(self.device).long()
+        targets = targets.to(self.device).long()
+        _check_class_range(preds, targets, k)
+
         if self.counts is None:
-            if num_classes is None:
-                raise ValueError(
-                    "this ConfusionMatrix has no num_classes yet; pass logits of "
-                    "shape (N, C) or num_classes=C to the first update"
-                )
-            self.num_classes = max(int(num_classes), 2)
+            self.num_classes = k
             self.reset()
-        k = self.num_classes
-        index = targets.to(self.device).long() * k + preds.to(self.device).long()
+        # Every index is below k * k after the range check, so bincount
+        # returns exactly k * k bins.
+        index = targets * k + preds
         self.counts += torch.bincount(index, minlength=k * k).view(k, k)
 
     def compute(self, positive_class: int | None = None) -> dict[str, float]:
@@ -84,6 +95,40 @@ class ConfusionMatrix:
         if self.counts is None:
             raise ValueError("this ConfusionMatrix is empty; call update() first")
         return metrics_from_counts(self.counts, positive_class=positive_class)
+
+
+def _check_class_range(
+    preds: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> None:
+    """Raise ValueError for the first class index outside 0..num_classes - 1.
+
+    One aminmax per tensor and a single read of the four results limit the
+    check to one device synchronization per update, whatever the batch size.
+    """
+    candidates = {"preds": preds, "targets": targets}
+    # aminmax rejects an empty tensor, and an empty one has nothing to check.
+    tensors = {name: values for name, values in candidates.items() if values.numel()}
+    if not tensors:
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(v)) for v in tensors.values()])
+    for name, (low, high) in zip(tensors, bounds.tolist()):
+        if low >= 0 and high < num_classes:
+            continue
+        bad = low if low < 0 else high
+        last = num_classes - 1
+        if name == "preds":
+            fix = (
+                f"pass predicted class indices in 0..{last}, such as "
+                "logits.argmax(dim=1)"
+            )
+        else:
+            fix = f"remap the labels to 0..{last}"
+        if bad >= num_classes:
+            fix += f", or create the ConfusionMatrix with num_classes={bad + 1}"
+        raise ValueError(
+            f"{name} contain the class index {bad}, outside 0..{last} of this "
+            f"{num_classes}-class ConfusionMatrix; {fix}"
+        )
 
 
 def metrics_from_counts(

@@ -282,6 +282,70 @@ def test_matrix_reset():
     assert int(cm.counts.sum()) == 0
 
 
+# Each case: preds, targets, the tensor named in the error, the index named.
+OUT_OF_RANGE = {
+    "preds_above": ([0, 3], [0, 1], "preds", 3),
+    "preds_negative": ([0, -1], [0, 1], "preds", -1),
+    "targets_above": ([0, 1], [0, 5], "targets", 5),
+    "targets_negative": ([0, 1], [-2, 1], "targets", -2),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+def test_matrix_rejects_out_of_range(case):
+    preds, targets, name, bad = OUT_OF_RANGE[case]
+    cm = ConfusionMatrix(num_classes=3)
+    cm.update(torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0]))
+    before = cm.counts.clone()
+
+    with pytest.raises(ValueError) as caught:
+        cm.update(torch.tensor(preds), torch.tensor(targets))
+
+    message = str(caught.value)
+    assert message.startswith(f"{name} contain the class index {bad}, ")
+    assert "outside 0..2 of this 3-class ConfusionMatrix" in message
+    assert torch.equal(cm.counts, before)
+
+
+def test_matrix_out_of_range_fixes():
+    cm = ConfusionMatrix(num_classes=3)
+
+    with pytest.raises(ValueError) as high_pred:
+        cm.update(torch.tensor([7]), torch.tensor([0]))
+    with pytest.raises(ValueError) as low_target:
+        cm.update(torch.tensor([0]), torch.tensor([-1]))
+
+    assert "logits.argmax(dim=1)" in str(high_pred.value)
+    assert "num_classes=8" in str(high_pred.value)
+    assert "remap the labels to 0..2" in str(low_target.value)
+    assert "num_classes=" not in str(low_target.value)
+
+
+def test_matrix_first_update_rejected():
+    cm = ConfusionMatrix()
+
+    with pytest.raises(ValueError, match="^targets contain the class index 4, "):
+        cm.update(torch.zeros(2, 3), torch.tensor([0, 4]))
+
+    assert cm.counts is None
+    assert cm.num_classes is None
+
+
+def test_matrix_function_rejects_out_of_range():
+    with pytest.raises(ValueError, match="^targets contain the class index 2, "):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([1, 2]), 2)
+
+
+def test_matrix_accepts_edge_classes():
+    cm = ConfusionMatrix(num_classes=4)
+    cm.update(torch.tensor([0, 3], dtype=torch.uint8), torch.tensor([3, 0]))
+    cm.update(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+
+    assert cm.counts[3, 0] == 1
+    assert cm.counts[0, 3] == 1
+    assert int(cm.counts.sum()) == 2
+
+
 def test_batch_mean_f1_differs_from_epoch_f1():
     # Batch 1 has one positive, found: F1 = 1. Batch 2 has three positives,
     # one found and no false positive: P = 1, R = 1/3, F1 = 0.5. The batch
