@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import traceback
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -147,7 +147,23 @@ def answer_form(answers: dict[str, dict[str, Any]]):
 
 def check_curve_answers(answers: Mapping[str, Mapping[str, Any]]) -> None:
     """Check the condition, fix and lesson named for each of the four runs."""
-    _passed(score_curve_answers(answers))
+    _passed(score_curve_answers(run_curve_answers(answers)["answers"]))
+
+
+def run_curve_answers(answers: Any) -> dict[str, Any]:
+    """Return the answers of part 1 of exercise 18.5.1 as plain JSON values."""
+    return {"answers": _plain(answers)}
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """Return `value` as JSON values; anything else becomes its short repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth < 4 and isinstance(value, Mapping):
+        return {str(key): _plain(item, depth + 1) for key, item in value.items()}
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return [_plain(item, depth + 1) for item in value]
+    return repr(value)[:200]
 
 
 def score_curve_answers(answers: Mapping[str, Mapping[str, Any]]) -> str:
@@ -301,19 +317,26 @@ def check_optimizer_explanation(text: str | None) -> None:
     `MIN_EXPLANATION_WORDS` words and name what AdamW keeps between steps. Compare
     it with the model answer in the solution notebook.
     """
-    _passed(score_optimizer_explanation({"text": text}))
+    _passed(score_optimizer_explanation(run_optimizer_explanation(text)))
+
+
+def run_optimizer_explanation(text: Any) -> dict[str, Any]:
+    """Return the answer of part 2, or the name of its type if it is no string."""
+    if text is None or isinstance(text, str):
+        return {"text": text}
+    return {"text": None, "type": type(text).__name__}
 
 
 def score_optimizer_explanation(result: Mapping[str, Any]) -> str:
     text = result.get("text")
-    if text is None or not str(text).strip():
+    if result.get("type"):
+        raise CheckFailed(
+            f"why_optimizer_state must be a string, got {result['type']}."
+        )
+    if not isinstance(text, str) or not text.strip():
         raise ExerciseIncomplete(
             "Complete part 2: set why_optimizer_state to your answer, a string of "
             "a few sentences."
-        )
-    if not isinstance(text, str):
-        raise CheckFailed(
-            f"why_optimizer_state must be a string, got {type(text).__name__}."
         )
     words = len(text.split())
     if words < MIN_EXPLANATION_WORDS:
@@ -353,6 +376,22 @@ def check_resume(module_path, *, epochs: int = 6) -> None:
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     _passed(line)
+
+
+def run_resume(module_path, work_dir=None) -> dict[str, Any]:
+    """Run the kill-and-resume trial and keep its folder for scoring.
+
+    The folder is `work_dir`, or a new folder under the current directory, so
+    that the weights files stay next to the notebook that made them.
+    """
+    import os
+    import tempfile
+
+    from .resume_trial import run_resume_trial
+
+    if work_dir is None:
+        work_dir = tempfile.mkdtemp(prefix="resume-check-", dir=os.getcwd())
+    return run_resume_trial(module_path, work_dir)
 
 
 def score_resume(results: Mapping[str, Any]) -> str:
@@ -839,7 +878,12 @@ def score_evaluate(result: Mapping[str, Any]) -> str:
 
 def check_pathological_run(history: Mapping[str, list] | None) -> None:
     """Check that the unweighted run shows loss falling and recall near zero."""
-    _passed(score_pathological_run(_history_columns(history)))
+    _passed(score_pathological_run(run_pathological_run(history)["history"]))
+
+
+def run_pathological_run(history: Any) -> dict[str, Any]:
+    """Return the columns of the unweighted run's history as lists of floats."""
+    return {"history": _history_columns(history)}
 
 
 def _history_columns(history) -> dict[str, list[float]] | None:
@@ -980,11 +1024,16 @@ def check_fixed_run(
     weights: torch.Tensor | None,
 ) -> None:
     """Check that the weighted run lifts class-1 recall and F1 past thresholds."""
-    _passed(score_fixed_run({
+    _passed(score_fixed_run(run_fixed_run(history, baseline_history, weights)))
+
+
+def run_fixed_run(history: Any, baseline_history: Any, weights: Any) -> dict[str, Any]:
+    """Return both runs' histories and the class weights as JSON values."""
+    return {
         "history": _history_columns(history),
         "baseline": _history_columns(baseline_history),
         "weights": [float(x) for x in weights] if weights is not None else None,
-    }))
+    }
 
 
 def score_fixed_run(result: Mapping[str, Any]) -> str:
@@ -1024,3 +1073,42 @@ def score_fixed_run(result: Mapping[str, Any]) -> str:
         f"rose from {base_recall:.2f} to {recall:.2f} and F1 reached {f1:.2f} "
         f"(thresholds {FIXED_MIN_RECALL} and {FIXED_MIN_F1})"
     )
+
+
+# ---------------------------------------------------------------------------
+# The run and score step of every check, by the name after ``check_``
+# ---------------------------------------------------------------------------
+
+
+class Check(NamedTuple):
+    """The two steps of a check: `run` calls student code, `score` judges.
+
+    `run` takes the check cell's arguments and returns JSON values only;
+    `score` takes that dict and returns the success line or raises
+    `CheckFailed`.
+    """
+
+    run: Callable[..., dict[str, Any]]
+    score: Callable[[Mapping[str, Any]], str]
+
+
+CHECKS: dict[str, Check] = {
+    "curve_answers": Check(
+        run_curve_answers, lambda result: score_curve_answers(result["answers"])
+    ),
+    "diagnose": Check(run_diagnose, score_diagnose),
+    "resume": Check(run_resume, score_resume),
+    "optimizer_explanation": Check(
+        run_optimizer_explanation, score_optimizer_explanation
+    ),
+    "imbalanced_data": Check(run_imbalanced_data, score_imbalanced_data),
+    "positive_class_metrics": Check(
+        run_positive_class_metrics, score_positive_class_metrics
+    ),
+    "evaluate": Check(run_evaluate, score_evaluate),
+    "pathological_run": Check(
+        run_pathological_run, lambda result: score_pathological_run(result["history"])
+    ),
+    "class_weights": Check(run_class_weights, score_class_weights),
+    "fixed_run": Check(run_fixed_run, score_fixed_run),
+}
