@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,6 +73,64 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# np.random.seed, which seed_everything calls, accepts only this range.
+MAX_SEED = 2**32 - 1
+# The default widths are 32 (CNN) and 256 (MLP), so a --width above this is
+# most likely a typing error, such as an extra zero.
+MAX_WIDTH = 1024
+
+
+# The argparse types below raise ArgumentTypeError, whose message argparse
+# prints after "argument --OPTION: ", so the messages leave out the option name.
+def _int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """Return an argparse type that accepts integers from `low` to `high`."""
+    if high is None:
+        accepted = f"an integer of at least {low}"
+    else:
+        accepted = f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {accepted}, got {text!r}"
+            ) from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str, accepted: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """Parse a finite number above 0, such as a learning rate."""
+    accepted = "a finite number above 0"
+    value = _finite_float(text, accepted)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """Parse a finite number of at least 0, such as a weight decay."""
+    accepted = "a finite number of at least 0"
+    value = _finite_float(text, accepted)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m course_lib",
@@ -88,20 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data set; mnist_5k is bundled, the others download")
     train.add_argument("--model", default="cnn", choices=MODEL_CHOICES,
                        help="model architecture")
-    train.add_argument("--seed", type=int, default=0,
-                       help="seed for weights, data split and data order")
-    train.add_argument("--width", type=int, default=None,
+    train.add_argument("--seed", type=_int_in_range(0, MAX_SEED), default=0,
+                       help="seed for weights, data split and data order, "
+                       f"0 to {MAX_SEED}")
+    train.add_argument("--width", type=_int_in_range(1, MAX_WIDTH), default=None,
                        help="channels of the CNN's first block (default 32) or "
-                       "hidden units of the MLP (default 256)")
-    train.add_argument("--epochs", type=int, default=20,
+                       f"hidden units of the MLP (default 256), 1 to {MAX_WIDTH}")
+    train.add_argument("--epochs", type=_int_in_range(1), default=20,
                        help="maximum number of epochs")
-    train.add_argument("--batch-size", type=int, default=64,
+    train.add_argument("--batch-size", type=_int_in_range(1), default=64,
                        help="training batch size in samples")
-    train.add_argument("--lr", type=float, default=1e-3,
+    train.add_argument("--lr", type=_positive_float, default=1e-3,
                        help="AdamW learning rate at the start of the cosine schedule")
-    train.add_argument("--weight-decay", type=float, default=0.01,
+    train.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
                        help="AdamW weight decay")
-    train.add_argument("--patience", type=int, default=5,
+    # EarlyStopping needs a patience of at least 1.
+    train.add_argument("--patience", type=_int_in_range(1), default=5,
                        help="epochs without a better --monitor value before stopping")
     train.add_argument("--monitor", default="val_loss", choices=("val_loss", "val_acc"),
                        help="validation figure that picks best.pt and drives early "
@@ -150,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    for name in ("epochs", "patience", "batch_size", "width"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
+    # The numeric options were checked by their argparse types.
     if args.resume and args.out is None:
         parser.error("--resume needs --out, the folder of the run to continue")
     out_dir = args.out or Path("runs") / (

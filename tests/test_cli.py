@@ -214,12 +214,52 @@ DRIVER = textwrap.dedent(
     """
 )
 
+AT_LEAST_1 = "must be an integer of at least 1, got"
+POSITIVE = "must be a finite number above 0, got"
+NON_NEGATIVE = "must be a finite number of at least 0, got"
+
+# Numeric options that their argparse types reject: each error names the
+# option, the accepted range and the value.
+OPTION_RANGES = {
+    "epochs_zero": (["--epochs", "0"], f"argument --epochs: {AT_LEAST_1} 0"),
+    "epochs_negative": (["--epochs", "-3"], f"argument --epochs: {AT_LEAST_1} -3"),
+    "epochs_not_int": (["--epochs", "two"], f"argument --epochs: {AT_LEAST_1} 'two'"),
+    "patience_zero": (["--patience", "0"], f"argument --patience: {AT_LEAST_1} 0"),
+    "patience_negative": (
+        ["--patience", "-1"], f"argument --patience: {AT_LEAST_1} -1"
+    ),
+    "batch_size_zero": (
+        ["--batch-size", "0"], f"argument --batch-size: {AT_LEAST_1} 0"
+    ),
+    "width_zero": (
+        ["--width", "0"], "argument --width: must be an integer from 1 to 1024, got 0"
+    ),
+    "width_too_large": (
+        ["--width", "10240"],
+        "argument --width: must be an integer from 1 to 1024, got 10240",
+    ),
+    "seed_negative": (
+        ["--seed", "-1"],
+        "argument --seed: must be an integer from 0 to 4294967295, got -1",
+    ),
+    "seed_too_large": (
+        ["--seed", "4294967296"],
+        "argument --seed: must be an integer from 0 to 4294967295, got 4294967296",
+    ),
+    "lr_negative": (["--lr", "-0.1"], f"argument --lr: {POSITIVE} -0.1"),
+    "lr_zero": (["--lr", "0"], f"argument --lr: {POSITIVE} 0"),
+    "lr_nan": (["--lr", "nan"], f"argument --lr: {POSITIVE} nan"),
+    "lr_inf": (["--lr", "inf"], f"argument --lr: {POSITIVE} inf"),
+    "weight_decay_negative": (
+        ["--weight-decay", "-0.01"], f"argument --weight-decay: {NON_NEGATIVE} -0.01"
+    ),
+    "weight_decay_nan": (
+        ["--weight-decay", "nan"], f"argument --weight-decay: {NON_NEGATIVE} nan"
+    ),
+}
+
 BAD_ARGUMENTS = {
-    "epochs_zero": (["--epochs", "0"], "got 0"),
-    "epochs_not_int": (["--epochs", "two"], "'two'"),
-    "patience_zero": (["--patience", "0"], "got 0"),
-    "batch_size_zero": (["--batch-size", "0"], "got 0"),
-    "lr_negative": (["--lr", "-0.1"], "got -0.1"),
+    **OPTION_RANGES,
     "unknown_dataset": (["--dataset", "imagenet"], "'imagenet'"),
     "unknown_device": (["--device", "tpu"], "'tpu'"),
     "resume_without_out": (["--resume"], "--resume needs --out"),
@@ -251,8 +291,11 @@ def bad_argument_runs(tmp_path_factory) -> BadArgumentRuns:
     folder = tmp_path_factory.mktemp("bad_arguments")
     runs = BadArgumentRuns(folder, codes={}, outputs={})
     runs.notes.write_text(NOTES_TEXT)
+    # One epoch by default, so that a case that is wrongly accepted trains
+    # briefly. A case's own --epochs comes later and takes precedence.
     cases = [
-        (name, ["--model", "mlp", *(a.format(file=runs.notes) for a in args)])
+        (name, ["--model", "mlp", "--epochs", "1",
+                *(a.format(file=runs.notes) for a in args)])
         for name, (args, _) in BAD_ARGUMENTS.items()
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -296,6 +339,16 @@ def test_bad_argument(name, bad_argument_runs):
     assert "Traceback" not in output
     assert len(errors) == 1, output
     assert expected in errors[0]
+
+
+@pytest.mark.parametrize("name", list(OPTION_RANGES))
+def test_bad_option_stops_at_parsing(name, bad_argument_runs):
+    output = bad_argument_runs.outputs[name]
+
+    assert bad_argument_runs.codes[name] == "2", output
+    assert "usage: python -m course_lib train" in output
+    # The "device" header line is the first one that a started run logs.
+    assert not re.search(r"^device ", output, re.MULTILINE), output
 
 
 def test_bad_argument_writes_nothing(bad_argument_runs):
