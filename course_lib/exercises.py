@@ -17,7 +17,14 @@ A solution notebook marks what the student writes:
 
 Every exercise cell loses its outputs and execution count, and the Colab badge
 points to exercises/ instead of solutions/. Untagged cells are copied as they
-are. ``python -m course_lib exercises`` writes exercises/;
+are.
+
+``python -m course_lib exercises`` writes the exercise notebooks that are
+missing. It exits with status 2 and changes nothing if it would overwrite a
+notebook whose text differs from the generated one or delete a notebook that
+has no solution, because such a notebook may hold a student's work.
+``--force`` overwrites and deletes them, which is how exercises/ is regenerated
+after a solution changes.
 ``python -m course_lib exercises --check`` exits with status 1 when exercises/
 differs from what the generator would write.
 """
@@ -43,6 +50,19 @@ _HINT_WIDTH = 64
 
 class ExerciseSourceError(ValueError):
     """A solution notebook's markers cannot be turned into an exercise."""
+
+
+class ExerciseOverwriteError(RuntimeError):
+    """Error raised when writing exercises would replace or delete notebooks.
+
+    `differing` names the exercise files whose text differs from the generated
+    one, and `orphans` the notebooks that have no solution notebook.
+    """
+
+    def __init__(self, message: str, differing: list[str], orphans: list[str]):
+        super().__init__(message)
+        self.differing = differing
+        self.orphans = orphans
 
 
 def stub_lines(indent: str, hint: str) -> list[str]:
@@ -183,39 +203,96 @@ def render_exercises(solutions_dir: Path) -> dict[str, str]:
     return rendered
 
 
+def compare_exercises(
+    rendered: dict[str, str], exercises_dir: Path
+) -> tuple[list[str], list[str], list[str]]:
+    """Compare `exercises_dir` with the `rendered` exercise texts.
+
+    Returns:
+        The rendered names without a file, the names whose file has other
+        text, and the notebooks in `exercises_dir` that were not rendered.
+    """
+    missing, differing = [], []
+    for name, text in rendered.items():
+        target = Path(exercises_dir) / name
+        if not target.exists():
+            missing.append(name)
+        elif target.read_text("utf-8") != text:
+            differing.append(name)
+    orphans = [
+        path.name for path in sorted(Path(exercises_dir).glob("*.ipynb"))
+        if path.name not in rendered
+    ]
+    return missing, differing, orphans
+
+
 def stale_exercises(solutions_dir: Path, exercises_dir: Path) -> list[str]:
     """Return the exercise files that are missing, outdated or have no solution."""
     rendered = render_exercises(solutions_dir)
-    stale = []
-    for name, text in rendered.items():
-        target = Path(exercises_dir) / name
-        if not target.exists() or target.read_text("utf-8") != text:
-            stale.append(name)
-    for path in sorted(Path(exercises_dir).glob("*.ipynb")):
-        if path.name not in rendered:
-            stale.append(path.name)
-    return stale
+    missing, differing, orphans = compare_exercises(rendered, exercises_dir)
+    return [name for name in rendered if name in missing + differing] + orphans
 
 
-def write_exercises(solutions_dir: Path, exercises_dir: Path) -> list[Path]:
+def write_exercises(
+    solutions_dir: Path, exercises_dir: Path, force: bool = False
+) -> list[Path]:
     """Write every exercise notebook and return the paths written or removed.
 
     Exercise notebooks whose solution no longer exists are removed.
+
+    Args:
+        force: overwrite exercise files whose text differs from the generated
+            one, and remove notebooks that have no solution. Without it, either
+            case raises before anything is written.
+
+    Raises:
+        ExerciseSourceError: if a solution notebook cannot be converted.
+        ExerciseOverwriteError: without `force`, if an existing file would be
+            overwritten or removed. It names those files.
     """
     exercises_dir = Path(exercises_dir)
-    exercises_dir.mkdir(parents=True, exist_ok=True)
     rendered = render_exercises(solutions_dir)
+    missing, differing, orphans = compare_exercises(rendered, exercises_dir)
+    if (differing or orphans) and not force:
+        raise ExerciseOverwriteError(
+            _overwrite_message(exercises_dir, solutions_dir, differing, orphans),
+            differing, orphans,
+        )
+
+    exercises_dir.mkdir(parents=True, exist_ok=True)
     changed = []
     for name, text in rendered.items():
-        target = exercises_dir / name
-        if not target.exists() or target.read_text("utf-8") != text:
+        if name in missing or name in differing:
+            target = exercises_dir / name
             target.write_text(text, encoding="utf-8")
             changed.append(target)
-    for path in sorted(exercises_dir.glob("*.ipynb")):
-        if path.name not in rendered:
-            path.unlink()
-            changed.append(path)
+    for name in orphans:
+        path = exercises_dir / name
+        path.unlink()
+        changed.append(path)
     return changed
+
+
+def _overwrite_message(
+    exercises_dir: Path, solutions_dir: Path, differing: list[str], orphans: list[str]
+) -> str:
+    actions = []
+    if differing:
+        differ = "differs" if len(differing) == 1 else "differ"
+        actions.append(
+            f"overwrite {', '.join(differing)}, which {differ} from what "
+            f"{solutions_dir} generates"
+        )
+    if orphans:
+        have = "has" if len(orphans) == 1 else "have"
+        actions.append(
+            f"delete {', '.join(orphans)}, which {have} no solution notebook"
+        )
+    return (
+        f"{exercises_dir} was left unchanged because writing it would "
+        f"{', and '.join(actions)}; copy any edits you want to keep elsewhere, "
+        "then run python -m course_lib exercises --force"
+    )
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -232,6 +309,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit with status 1 if any exercise "
                         "notebook is missing or differs from its solution")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite exercise notebooks that differ from the "
+                        "generated ones and delete notebooks without a solution; "
+                        "without it, the command changes nothing in that case")
     return parser
 
 
@@ -247,14 +328,14 @@ def run_command(args: argparse.Namespace) -> int:
             if stale:
                 logger.error(
                     "error: %s out of date with %s: %s; run python -m course_lib "
-                    "exercises to regenerate", args.exercises, args.solutions,
+                    "exercises --force to regenerate", args.exercises, args.solutions,
                     ", ".join(stale),
                 )
                 return 1
             logger.info("%s is up to date with %s", args.exercises, args.solutions)
             return 0
-        changed = write_exercises(args.solutions, args.exercises)
-    except ExerciseSourceError as err:
+        changed = write_exercises(args.solutions, args.exercises, force=args.force)
+    except (ExerciseSourceError, ExerciseOverwriteError) as err:
         logger.error("error: %s", err)
         return 2
     for path in changed:

@@ -22,6 +22,7 @@ from nbclient import NotebookClient
 
 from course_lib import checks, cli, trajectories
 from course_lib.exercises import (
+    ExerciseOverwriteError,
     ExerciseSourceError,
     make_exercise,
     stale_exercises,
@@ -56,7 +57,9 @@ def test_exercises_folder_up_to_date():
     status = cli.main(["exercises", "--check", "--solutions", str(SOLUTIONS),
                        "--exercises", str(EXERCISES)])
 
-    assert status == 0, "run python -m course_lib exercises and commit exercises/"
+    assert status == 0, (
+        "run python -m course_lib exercises --force and commit exercises/"
+    )
 
 
 def test_check_reports_changed_solution(tmp_path):
@@ -77,15 +80,135 @@ def test_check_reports_changed_solution(tmp_path):
     assert status == 1
 
 
-def test_write_removes_orphan_exercise(tmp_path):
+def test_force_removes_orphan_exercise(tmp_path):
     solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
     shutil.copytree(SOLUTIONS, solutions)
     exercises.mkdir()
     (exercises / "orphan.ipynb").write_text("{}", encoding="utf-8")
 
-    write_exercises(solutions, exercises)
+    write_exercises(solutions, exercises, force=True)
 
     assert sorted(p.name for p in exercises.glob("*.ipynb")) == NOTEBOOKS
+
+
+@pytest.fixture
+def generated(tmp_path):
+    """Copies of solutions/ and of the exercises generated from it."""
+    solutions, exercises = tmp_path / "solutions", tmp_path / "exercises"
+    shutil.copytree(SOLUTIONS, solutions)
+    write_exercises(solutions, exercises)
+    return solutions, exercises
+
+
+def edit_exercise(path: Path) -> None:
+    """Fill the first stub of an exercise notebook, as a student would."""
+    notebook = nbformat.read(path, as_version=4)
+    cell = next(c for c in notebook.cells if "raise NotImplementedError" in c.source)
+    cell.source = "answer = 42"
+    nbformat.write(notebook, path)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def run_exercises(solutions: Path, exercises: Path, *options: str) -> int:
+    return cli.main(["exercises", "--solutions", str(solutions),
+                     "--exercises", str(exercises), *options])
+
+
+def test_write_keeps_edited_exercise(generated, capsys):
+    solutions, exercises = generated
+    edit_exercise(exercises / NOTEBOOKS[0])
+    (exercises / "notes.ipynb").write_text("{}", encoding="utf-8")
+    (exercises / NOTEBOOKS[1]).unlink()
+    before = folder_bytes(exercises)
+
+    status = run_exercises(solutions, exercises)
+
+    errors = [line for line in capsys.readouterr().out.splitlines() if "error" in line]
+    assert status == 2
+    assert folder_bytes(exercises) == before
+    assert len(errors) == 1
+    assert f"overwrite {NOTEBOOKS[0]}, which differs from what" in errors[0]
+    assert "delete notes.ipynb, which has no solution notebook" in errors[0]
+    assert NOTEBOOKS[1] not in errors[0]
+    assert errors[0].endswith("python -m course_lib exercises --force")
+
+
+def test_write_overwrite_error_lists_files(generated):
+    solutions, exercises = generated
+    edit_exercise(exercises / NOTEBOOKS[2])
+    edit_exercise(exercises / NOTEBOOKS[0])
+    (exercises / "b.ipynb").write_text("{}", encoding="utf-8")
+    (exercises / "a.ipynb").write_text("{}", encoding="utf-8")
+
+    with pytest.raises(ExerciseOverwriteError) as caught:
+        write_exercises(solutions, exercises)
+
+    assert caught.value.differing == [NOTEBOOKS[0], NOTEBOOKS[2]]
+    assert f"{NOTEBOOKS[0]}, {NOTEBOOKS[2]}, which differ" in str(caught.value)
+    assert caught.value.orphans == ["a.ipynb", "b.ipynb"]
+    assert "delete a.ipynb, b.ipynb, which have no solution" in str(caught.value)
+
+
+def test_write_keeps_orphan_exercise(generated):
+    solutions, exercises = generated
+    (exercises / "notes.ipynb").write_text("{}", encoding="utf-8")
+
+    with pytest.raises(ExerciseOverwriteError, match="delete notes.ipynb"):
+        write_exercises(solutions, exercises)
+
+    assert (exercises / "notes.ipynb").read_text(encoding="utf-8") == "{}"
+
+
+def test_write_adds_missing_exercise(generated):
+    solutions, exercises = generated
+    (exercises / NOTEBOOKS[1]).unlink()
+    before = folder_bytes(exercises)
+    (exercises / "notes.txt").write_text("not a notebook\n", encoding="utf-8")
+
+    changed = write_exercises(solutions, exercises)
+
+    assert changed == [exercises / NOTEBOOKS[1]]
+    assert stale_exercises(solutions, exercises) == []
+    after = folder_bytes(exercises)
+    assert {name: after[name] for name in before} == before
+    assert after["notes.txt"] == b"not a notebook\n"
+
+
+def test_force_regenerates_edited_exercise(generated, capsys):
+    solutions, exercises = generated
+    expected = folder_bytes(exercises)
+    edit_exercise(exercises / NOTEBOOKS[0])
+    (exercises / "notes.ipynb").write_text("{}", encoding="utf-8")
+
+    status = run_exercises(solutions, exercises, "--force")
+
+    output = capsys.readouterr().out
+    assert status == 0
+    assert folder_bytes(exercises) == expected
+    assert f"wrote {exercises / NOTEBOOKS[0]}" in output
+    assert f"removed {exercises / 'notes.ipynb'}" in output
+
+
+def test_changed_solution_needs_force(generated):
+    solutions, exercises = generated
+    path = solutions / NOTEBOOKS[0]
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells.append(nbformat.v4.new_markdown_cell("A new paragraph."))
+    nbformat.write(notebook, path)
+    before = folder_bytes(exercises)
+
+    refused = run_exercises(solutions, exercises)
+    unchanged = folder_bytes(exercises)
+    forced = run_exercises(solutions, exercises, "--force")
+
+    assert refused == 2
+    assert unchanged == before
+    assert forced == 0
+    assert stale_exercises(solutions, exercises) == []
+    assert "A new paragraph." in (exercises / NOTEBOOKS[0]).read_text("utf-8")
 
 
 def test_region_becomes_indented_stub():
