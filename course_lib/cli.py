@@ -25,6 +25,8 @@ from .data import (
 from .device import DEVICE_CHOICES, pick_device, pick_precision
 from .exercises import add_parser as add_exercises_parser
 from .exercises import run_command as run_exercises_command
+from .grading.command import add_parser as add_grade_parser
+from .grading.command import run_command as run_grade_command
 from .loop import NonFiniteLossError, prepare_run_folder, train_model
 from .models import MODEL_CHOICES, build_model, count_parameters
 
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true",
                        help="hide the per-batch progress bars")
     add_exercises_parser(commands)
+    add_grade_parser(commands)
     return parser
 
 
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     if args.command == "exercises":
         return run_exercises_command(args)
+    if args.command == "grade":
+        return run_grade_command(args)
     try:
         return _train(args, args.subparser)
     except (ValueError, CheckpointError, DatasetUnavailableError,

@@ -109,10 +109,17 @@ def score_notebook(
     elif any(score.status == "timed out" for score in problems):
         status = "timed out"
         reason = next(s for s in problems if s.status == "timed out").message
+        slow = [cell for cell in records if cell.get("timed_out")]
+        if slow:
+            limit = ("notebook time limit" if slow[0].get("notebook_time_limit")
+                     else f"cell time limit of {slow[0].get('time_limit'):g} s")
+            reason = (f"{_describe_cell(exercise, slow[0])} ran past the {limit}; "
+                      "the checks after it did not run")
     elif died:
         status = "error"
-        reason = (f"the kernel died in code cell {died[0]['cell']}, so the checks "
-                  "after it did not run (os._exit, a crash or the memory limit)")
+        reason = (f"the kernel died in {_describe_cell(exercise, died[0])}, so the "
+                  "checks after it did not run (os._exit, a crash or the memory "
+                  "limit)")
     elif any(score.status == "error" for score in problems):
         status = "error"
         reason = next(s for s in problems if s.status == "error").message
@@ -120,10 +127,25 @@ def score_notebook(
         status = "failed"
         first = problems[0]
         reason = f"check {first.check.name}: {first.message}"
-        if answer_errors and "NameError" in first.message:
-            reason += f" ({answer_errors[0]})"
+        unfinished = "raised NotImplementedError"
+        crashed = [error for error in answer_errors if unfinished not in error]
+        if crashed:
+            reason = f"{crashed[0]}; {reason}"
     return Row(student.name, student.entry, exercise, points, status, reason,
                scores, notes, answer_errors, worker.seconds)
+
+
+def _describe_cell(exercise: Exercise, record: dict[str, Any]) -> str:
+    """Name a cell as the student sees it: answer cell, check or code cell."""
+    cell_id = record.get("cell_id")
+    if cell_id in exercise.answer_ids:
+        return f"answer cell {exercise.answer_ids.index(cell_id) + 1}"
+    for check in exercise.checks:
+        if check.cell_id == cell_id:
+            return f"the check cell of check_{check.name}"
+    # Code cell 0 of a graded notebook is the grader's own first cell, so the
+    # others keep their numbers in the released notebook, counted from 1.
+    return f"code cell {record.get('cell')}"
 
 
 def _answer_error(exercise: Exercise, record: dict[str, Any]) -> str:

@@ -426,6 +426,7 @@ def merge(exercise: Exercise, submitted: dict) -> tuple[Any, list[str]]:
             continue
         cell.outputs = []
         cell.execution_count = None
+        cell.source = strip_markers(cell.source)
         if cell.id in checks:
             check = checks[cell.id]
             cell.source = (f'{RECORD_FUNCTION}("{check.name}", {check.arguments})'
