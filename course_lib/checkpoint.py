@@ -207,6 +207,14 @@ def load_weights(
     Raises:
         CheckpointError: if keys are missing or unexpected, or shapes differ.
     """
+    check_weights_fit(model, state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_weights_fit(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Raise the CheckpointError of `load_weights` without changing `model`."""
     own = model.state_dict()
     missing = [key for key in own if key not in state_dict]
     unexpected = [key for key in state_dict if key not in own]
@@ -231,7 +239,6 @@ def load_weights(
             f"{type(model).__name__}: {'; '.join(parts)}. Build the same model "
             "that wrote it, or start a new run in another folder."
         )
-    model.load_state_dict(state_dict)
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:
@@ -301,3 +308,222 @@ def _python_state_to_plain(state: tuple) -> dict[str, Any]:
 
 def _python_state_from_plain(plain: Mapping[str, Any]) -> tuple:
     return (plain["version"], tuple(plain["internal"]), plain["gauss_next"])
+
+
+# --- checking a last.pt before a resume -------------------------------------
+
+_RESUME_FIX = (
+    "restore the file from a copy, or start a new run in another folder (--out)"
+)
+
+
+def check_last_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Check that `state`, loaded from a last.pt, has every field a resume reads.
+
+    Each field must have the type that `train_model` writes, and the CPU
+    random states the size of this process's generators. A resume runs this
+    first, so that a damaged file stops it before the model, the optimizer,
+    the random states or any file are changed.
+
+    NOTE: only the structure is checked. A tensor of the wrong shape inside the
+    optimizer state still loads and fails at the first optimizer step.
+
+    Raises:
+        CheckpointError: naming `path`, the missing or invalid field and the fix.
+    """
+    fields = _FieldReader(path)
+    fields.get(state, "model", "a dict of tensors (a model state_dict)",
+               _is_tensor_dict)
+
+    optimizer = fields.get(state, "optimizer", "a dict (an optimizer state_dict)",
+                           _is_dict)
+    fields.get(optimizer, "optimizer.state", "a dict", _is_dict)
+    fields.get(optimizer, "optimizer.param_groups",
+               "a list of dicts that each have a params list", _is_param_groups)
+    for name in ("scheduler", "scaler"):
+        fields.get(state, name, f"None or a dict (a {name} state_dict)",
+                   _is_optional(_is_dict), optional=True)
+
+    epoch = fields.get(state, "epoch", "an integer of at least 1", _is_count(1))
+    stopper = fields.get(state, "early_stopping", "a dict", _is_dict)
+    fields.get(stopper, "early_stopping.best", "None or a number",
+               _is_optional(_is_number))
+    fields.get(stopper, "early_stopping.best_epoch",
+               "None or an integer of at least 1", _is_optional(_is_count(1)))
+    fields.get(stopper, "early_stopping.counter", "an integer of at least 0",
+               _is_count(0))
+    history = fields.get(state, "history",
+                         "a list of dicts with the same columns, one row per epoch",
+                         _is_history)
+    if len(history) != epoch:
+        raise CheckpointError(
+            f"{path} has {len(history)} history rows but its epoch field is "
+            f"{epoch}, and a resume needs one row per epoch; {_RESUME_FIX}"
+        )
+
+    fields.get(state, "config", "a dict of the run's settings", _is_dict)
+    fields.get(state, "finished", "True or False", _is_bool, optional=True)
+    _check_rng_fields(fields, fields.get(state, "rng", "a dict", _is_dict))
+
+
+def _check_rng_fields(fields: _FieldReader, rng: Mapping[str, Any]) -> None:
+    # The expected sizes come from this process's own generators, so a state
+    # that restore_rng_state would reject is caught here first.
+    torch_state = torch.get_rng_state()
+    generator_state = f"a uint8 tensor of shape {tuple(torch_state.shape)}"
+    fields.get(rng, "rng.torch", generator_state, _is_like(torch_state))
+    fields.get(rng, "rng.data_order", f"None or {generator_state}",
+               _is_optional(_is_like(torch_state)), optional=True)
+    fields.get(rng, "rng.cuda", "a list of uint8 tensors", _is_byte_tensor_list,
+               optional=True)
+
+    numpy_state = fields.get(rng, "rng.numpy", "a dict", _is_dict)
+    key_count = np.random.get_state()[1].size
+    fields.get(numpy_state, "rng.numpy.name", "a string", _is_str)
+    fields.get(numpy_state, "rng.numpy.keys", f"an integer tensor of {key_count} keys",
+               _is_integer_tensor(key_count))
+    fields.get(numpy_state, "rng.numpy.pos", f"an integer from 0 to {key_count}",
+               _is_count(0, key_count))
+    fields.get(numpy_state, "rng.numpy.has_gauss", "0 or 1", _is_count(0, 1))
+    fields.get(numpy_state, "rng.numpy.cached_gaussian", "a number", _is_number)
+
+    python_state = fields.get(rng, "rng.python", "a dict", _is_dict)
+    word_count = len(random.getstate()[1])
+    fields.get(python_state, "rng.python.version", "an integer of at least 0",
+               _is_count(0))
+    fields.get(python_state, "rng.python.internal", f"a list of {word_count} integers",
+               _is_integer_list(word_count))
+    fields.get(python_state, "rng.python.gauss_next", "None or a number",
+               _is_optional(_is_number))
+
+
+class _FieldReader:
+    """Reader of a loaded last.pt that raises CheckpointError for a bad field."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+
+    def get(
+        self,
+        container: Mapping[str, Any],
+        name: str,
+        expected: str,
+        is_valid: Callable[[Any], bool],
+        optional: bool = False,
+    ) -> Any:
+        """Return the field `name`, given dotted from the checkpoint's top level.
+
+        A missing optional field returns None.
+        """
+        key = name.rsplit(".", 1)[-1]
+        if key not in container:
+            if optional:
+                return None
+            raise CheckpointError(
+                f"{self.path} has no field {name}, which a resume needs; {_RESUME_FIX}"
+            )
+        value = container[key]
+        if not is_valid(value):
+            raise CheckpointError(
+                f"{self.path} field {name} is {_describe(value)}, but a resume "
+                f"needs {expected}; {_RESUME_FIX}"
+            )
+        return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"the {type(value).__name__} {text}"
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_optional(is_valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or is_valid(value)
+
+
+def _is_count(minimum: int, maximum: int | None = None) -> Callable[[Any], bool]:
+    def is_count(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+        return value >= minimum and (maximum is None or value <= maximum)
+
+    return is_count
+
+
+def _is_like(reference: torch.Tensor) -> Callable[[Any], bool]:
+    def is_like(value: Any) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.dtype == reference.dtype
+            and value.shape == reference.shape
+        )
+
+    return is_like
+
+
+def _is_integer_tensor(size: int) -> Callable[[Any], bool]:
+    def is_integer_tensor(value: Any) -> bool:
+        if not isinstance(value, torch.Tensor) or torch.is_floating_point(value):
+            return False
+        return value.numel() == size
+
+    return is_integer_tensor
+
+
+def _is_integer_list(size: int) -> Callable[[Any], bool]:
+    def is_integer_list(value: Any) -> bool:
+        if not isinstance(value, (list, tuple)) or len(value) != size:
+            return False
+        return all(_is_count(0)(item) for item in value)
+
+    return is_integer_list
+
+
+def _is_byte_tensor_list(value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    return all(
+        isinstance(item, torch.Tensor) and item.dtype == torch.uint8 for item in value
+    )
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    if not _is_dict(value):
+        return False
+    return all(
+        isinstance(key, str) and isinstance(item, torch.Tensor)
+        for key, item in value.items()
+    )
+
+
+def _is_param_groups(value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    return all(_is_dict(group) and isinstance(group.get("params"), list)
+               for group in value)
+
+
+def _is_history(value: Any) -> bool:
+    if not isinstance(value, list) or not all(_is_dict(row) for row in value):
+        return False
+    # History requires every row to have the first row's columns, in order.
+    return all(list(row) == list(value[0]) for row in value)

@@ -17,6 +17,8 @@ from torch import nn
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
+    check_last_checkpoint,
+    check_weights_fit,
     load_checkpoint,
     load_weights,
     remove_stale_temp_files,
@@ -400,7 +402,8 @@ def train_model(
         ValueError: for epochs or patience below 1, an unknown monitor, an
             unwritable out_dir, or an out_dir that holds another run while
             `resume` is False.
-        CheckpointError: if last.pt cannot be resumed from.
+        CheckpointError: if last.pt cannot be resumed from: a field is missing
+            or invalid, or the run's settings, model or optimizer differ.
         NonFiniteLossError: if the loss becomes NaN or infinite. The checkpoints
             of the last good epoch stay as they were.
     """
@@ -440,11 +443,13 @@ def train_model(
     config = {**(run_config or {}), "epochs": epochs, "monitor": monitor}
 
     if resume and last_path.exists():
-        state = load_checkpoint(
-            last_path, map_location=device,
-            required_keys=("model", "optimizer", "epoch", "history", "rng", "config"),
-        )
+        state = load_checkpoint(last_path, map_location=device)
+        # Every check comes before the first change to the model, the
+        # optimizer, the random states or the run folder.
+        check_last_checkpoint(state, last_path)
         _check_resume_config(state["config"], config, last_path)
+        check_weights_fit(model, state["model"], source=str(last_path))
+        _check_optimizer_groups(state["optimizer"], optimizer, last_path)
         load_weights(model, state["model"], source=str(last_path))
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -453,10 +458,10 @@ def train_model(
             scaler.load_state_dict(state["scaler"])
         stopper.load_state_dict(state["early_stopping"])
         history = History.from_state_dict(state["history"])
+        restore_rng_state(state["rng"], data_order)
         # last.pt is written before history.csv, so a kill between the two
         # writes leaves the CSV one row short. Rewriting it here repairs that.
         history.to_csv(out_dir / HISTORY_NAME)
-        restore_rng_state(state["rng"], data_order)
         start_epoch = state["epoch"] + 1
         finished = bool(state.get("finished"))
         logger.info(
@@ -644,6 +649,19 @@ def _check_resume_config(saved: dict, current: dict, path: Path) -> None:
                 f"this run has {key}={value!r}; resume with {key} set to "
                 f"{saved.get(key)!r}, or start a new run in another folder"
             )
+
+
+def _check_optimizer_groups(saved: dict, optimizer, path: Path) -> None:
+    # Optimizer.load_state_dict raises a ValueError for the same mismatch, but
+    # a resume calls it after it has replaced the model weights.
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+    own_sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != own_sizes:
+        raise CheckpointError(
+            f"{path} field optimizer.param_groups has groups of {saved_sizes} "
+            f"parameters, but this run's optimizer has {own_sizes}; resume with the "
+            "optimizer that wrote it, or start a new run in another folder (--out)"
+        )
 
 
 def _history_row(epoch, train: EpochResult, val: EpochResult, lr, seconds) -> dict:

@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -439,3 +440,170 @@ def test_resume_other_architecture(interrupted_run):
     assert "missing keys [features.0.0.weight" in message
     assert "unexpected keys [1.weight" in message
     assert folder_snapshot(out_dir) == before
+
+
+# --- resuming from a damaged last.pt ------------------------------------------
+
+
+class SecondEpochDone(Exception):
+    """Ends a run after its second epoch, as if it had been interrupted there."""
+
+
+def stop_after_second(epoch, row):
+    if epoch == 2:
+        raise SecondEpochDone
+
+
+def damaged_run_loaders(small_splits):
+    train, val, _ = small_splits
+    return (
+        TensorLoader.from_split(train, batch_size=64, shuffle=True, seed=4),
+        TensorLoader.from_split(val, batch_size=64),
+    )
+
+
+@pytest.fixture(scope="module")
+def two_epoch_folder(small_splits, tmp_path_factory):
+    """A three-epoch run that stopped after writing epoch 2, never modified."""
+    out_dir = tmp_path_factory.mktemp("two_epochs")
+    with pytest.raises(SecondEpochDone):
+        quiet_train(make_mlp(), *damaged_run_loaders(small_splits), epochs=3,
+                    out_dir=out_dir, on_epoch_end=stop_after_second)
+    return out_dir
+
+
+def without(*keys):
+    """Return a change that deletes the field at the path `keys`."""
+    def change(state):
+        *parents, last = keys
+        for key in parents:
+            state = state[key]
+        del state[last]
+
+    return change
+
+
+def replaced(value, *keys):
+    """Return a change that sets the field at the path `keys` to `value`."""
+    def change(state):
+        *parents, last = keys
+        for key in parents:
+            state = state[key]
+        state[last] = value
+
+    return change
+
+
+def extra_param_group(state):
+    groups = state["optimizer"]["param_groups"]
+    groups.append({**groups[0], "params": [99]})
+
+
+def mixed_history_columns(state):
+    del state["history"][1]["lr"]
+
+
+def short_python_state(state):
+    state["rng"]["python"]["internal"] = state["rng"]["python"]["internal"][:10]
+
+
+# Each case: the change to last.pt, then the text that the error must contain.
+DAMAGED_FIELDS = {
+    "no_model": (without("model"), "has no field model,"),
+    "no_optimizer": (without("optimizer"), "has no field optimizer,"),
+    "no_epoch": (without("epoch"), "has no field epoch,"),
+    "no_early_stopping": (without("early_stopping"), "has no field early_stopping,"),
+    "no_history": (without("history"), "has no field history,"),
+    "no_rng": (without("rng"), "has no field rng,"),
+    "no_config": (without("config"), "has no field config,"),
+    "no_counter": (
+        without("early_stopping", "counter"), "has no field early_stopping.counter,"
+    ),
+    "no_param_groups": (
+        without("optimizer", "param_groups"), "has no field optimizer.param_groups,"
+    ),
+    "no_numpy_state": (without("rng", "numpy"), "has no field rng.numpy,"),
+    "model_tensor": (
+        replaced(torch.zeros(3), "model"),
+        "field model is a torch.float32 tensor of shape (3,), but a resume needs a "
+        "dict of tensors",
+    ),
+    "optimizer_list": (
+        replaced([], "optimizer"), "field optimizer is the list [], but a resume needs"
+    ),
+    "epoch_text": (
+        replaced("2", "epoch"),
+        "field epoch is the str '2', but a resume needs an integer of at least 1",
+    ),
+    "epoch_zero": (replaced(0, "epoch"), "field epoch is the int 0,"),
+    "early_stopping_none": (
+        replaced(None, "early_stopping"), "field early_stopping is the NoneType None,"
+    ),
+    "counter_float": (
+        replaced(1.5, "early_stopping", "counter"),
+        "field early_stopping.counter is the float 1.5,",
+    ),
+    "history_dict": (replaced({}, "history"), "field history is the dict {},"),
+    "history_short": (
+        replaced([], "history"), "has 0 history rows but its epoch field is 2"
+    ),
+    "history_columns": (mixed_history_columns, "field history is the list"),
+    "config_text": (replaced("epochs=3", "config"), "field config is the str"),
+    "scheduler_number": (replaced(5, "scheduler"), "field scheduler is the int 5,"),
+    "finished_text": (replaced("no", "finished"), "field finished is the str 'no',"),
+    "torch_rng_short": (
+        replaced(torch.zeros(8, dtype=torch.uint8), "rng", "torch"),
+        "field rng.torch is a torch.uint8 tensor of shape (8,)",
+    ),
+    "numpy_keys_float": (
+        replaced(torch.zeros(624), "rng", "numpy", "keys"),
+        "field rng.numpy.keys is a torch.float32 tensor of shape (624,)",
+    ),
+    "python_state_short": (short_python_state, "field rng.python.internal is"),
+    "extra_param_group": (
+        extra_param_group,
+        "field optimizer.param_groups has groups of [4, 1] parameters, but this "
+        "run's optimizer has [4]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_FIELDS))
+def test_resume_damaged_field_named(case, two_epoch_folder, small_splits, tmp_path):
+    change, expected = DAMAGED_FIELDS[case]
+    out_dir = tmp_path / "run"
+    shutil.copytree(two_epoch_folder, out_dir)
+    last_path = out_dir / "last.pt"
+    state = torch.load(last_path, weights_only=True)
+    change(state)
+    torch.save(state, last_path)
+    before = folder_snapshot(out_dir)
+    model = make_mlp()
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_before = torch.get_rng_state()
+
+    with pytest.raises(CheckpointError) as caught:
+        quiet_train(model, *damaged_run_loaders(small_splits), epochs=3,
+                    out_dir=out_dir, resume=True)
+
+    message = str(caught.value)
+    assert message.startswith(f"{last_path} "), message
+    assert expected in message
+    assert message.endswith("or start a new run in another folder (--out)")
+    assert folder_snapshot(out_dir) == before
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_resume_undamaged_copy(two_epoch_folder, small_splits, tmp_path):
+    # The same copy-and-resume steps as above, without a change, must work, so
+    # that the failures above come from the damage alone.
+    out_dir = tmp_path / "run"
+    shutil.copytree(two_epoch_folder, out_dir)
+    last_path = out_dir / "last.pt"
+    torch.save(torch.load(last_path, weights_only=True), last_path)
+
+    result = quiet_train(make_mlp(), *damaged_run_loaders(small_splits), epochs=3,
+                         out_dir=out_dir, resume=True)
+
+    assert result.history["epoch"] == [1, 2, 3]

@@ -186,6 +186,27 @@ def test_existing_run_needs_resume(finished_run, tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
+def test_resume_damaged_last_pt(finished_run, tmp_path):
+    _, out_dir = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out_dir, copy)
+    state = torch.load(copy / "last.pt", weights_only=True)
+    del state["early_stopping"]
+    torch.save(state, copy / "last.pt")
+
+    done = run_cli(
+        "--model", "mlp", "--epochs", "2", "--out", str(copy), "--resume",
+        cwd=tmp_path,
+    )
+    errors = error_lines(done.stdout)
+
+    assert done.returncode == 2
+    assert "Traceback" not in done.stdout + done.stderr
+    assert len(errors) == 1, done.stdout
+    assert f"{copy / 'last.pt'} has no field early_stopping" in errors[0]
+
+
 # Each case runs main() in one driver process, which pays for the torch import
 # once. The driver prints a traceback for any exception that escapes main(),
 # as the interpreter would. test_bad_argument_real_entry runs one case
