@@ -1,4 +1,4 @@
-"""Speed benchmarks of course_lib: loop overhead, loaders, the train command.
+"""Speed benchmarks of course_lib: loop overhead, loaders, train and grade commands.
 
 Run from the repository root (``make benchmark`` does the same)::
 
@@ -26,6 +26,7 @@ from course_lib import count_parameters, load_dataset, pick_device, pick_precisi
 from course_lib.device import DEVICE_CHOICES
 
 import breakdown
+import grade_command
 import loaders
 import overhead
 import train_command
@@ -33,24 +34,29 @@ from bare_loop import fresh_run, head_of_splits, train_command_defaults
 from machine import describe_machine, load_average
 
 OVERHEAD_GOAL = 1.05
-SECTIONS = ("overhead", "breakdown", "loaders", "train-command")
+SECTIONS = ("overhead", "breakdown", "loaders", "train-command", "grading")
 
 # --quick trains on this many samples to keep the smoke run short. Its numbers
 # only show that every part runs.
 QUICK_TRAIN_SAMPLES = 320
 QUICK_VAL_SAMPLES = 128
 
+# The grading section grades its class once with each of these job counts.
+GRADING_JOBS = (1, 2)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time train_model against a bare loop, TensorLoader against "
-        "DataLoader, and the default train command.",
+        "DataLoader, the default train command, and the grade command per "
+        "student.",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK_TRAIN_SAMPLES} training samples, 2 repetitions, "
-        "a 1-epoch train command; the numbers are not representative",
+        "a 1-epoch train command, 1 solved and 1 unsolved student to grade; the "
+        "numbers are not representative",
     )
     parser.add_argument(
         "--repeats",
@@ -84,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         "OMP_NUM_THREADS (default: torch's choice)",
     )
     parser.add_argument(
+        "--students",
+        type=int,
+        default=None,
+        metavar="N",
+        help="solved and unsolved students each in the grading section's class "
+        "(default: 2, or 1 with --quick)",
+    )
+    parser.add_argument(
         "--sections",
         nargs="+",
         choices=SECTIONS,
@@ -91,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION",
         help="measurements to run, from: overhead (train_model against the "
         "bare loop), breakdown (each piece of train_model's extra work), "
-        "loaders, train-command (default: all four)",
+        "loaders, train-command, grading (the grade command per student) "
+        "(default: all five)",
     )
     return parser
 
@@ -105,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         repeats = args.repeats
     if args.epochs is not None:
         epochs = args.epochs
+    students = 1 if args.quick else 2
+    if args.students is not None:
+        students = args.students
     if repeats < 1:
         parser.error(f"--repeats must be at least 1, got {repeats}")
+    if students < 1:
+        parser.error(f"--students must be at least 1, got {students}")
     if epochs is not None and epochs < 2:
         parser.error(f"--epochs must be at least 2, got {epochs}")
     if args.threads is not None:
@@ -117,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         _send_course_lib_logs_to_devnull(stack)
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        _run_all(args, repeats, epochs, work_dir)
+        _run_all(args, repeats, epochs, students, work_dir)
     return 0
 
 
-def _run_all(args, repeats: int, epochs: int | None, work_dir: Path) -> None:
+def _run_all(
+    args, repeats: int, epochs: int | None, students: int, work_dir: Path
+) -> None:
     settings = train_command_defaults()
     device = pick_device(args.device)
     precision = pick_precision(device)
@@ -142,6 +164,8 @@ def _run_all(args, repeats: int, epochs: int | None, work_dir: Path) -> None:
         _print_loader_section(splits, settings, device, args.quick)
     if "train-command" in args.sections:
         _print_train_command_section(args, work_dir)
+    if "grading" in args.sections:
+        _print_grading_section(students, not args.quick, work_dir)
 
     _print(f"\nload average at the end: {load_average()}")
 
@@ -246,6 +270,50 @@ def _print_train_command_section(args, work_dir: Path) -> None:
             ),
         ],
     )
+
+
+def _print_grading_section(students: int, warmup: bool, work_dir: Path) -> None:
+    jobs_text = " then ".join(map(str, GRADING_JOBS))
+    header = (
+        f"\n5. python -m course_lib grade: {students} solved and "
+        f"{_count(students, 'unsolved student')}, jobs {jobs_text}\n"
+        "   solved students submit solutions/, unsolved ones exercises/; the "
+        "command's default limits"
+    )
+    if warmup:
+        header += ",\n   after 1 warm-up unsolved student that is left out"
+    _print(header)
+    # The grader's start and per-student log lines show progress on standard error.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("   ... %(message)s"))
+    handler.addFilter(grade_command.ProgressLines())
+    grader_logger = logging.getLogger("course_lib.grading.command")
+    grader_logger.addHandler(handler)
+    try:
+        runs = grade_command.time_grading(
+            work_dir / "grading",
+            students_per_kind=students,
+            job_counts=GRADING_JOBS,
+            warmup=warmup,
+        )
+    finally:
+        grader_logger.removeHandler(handler)
+
+    _print("   per student: Row.seconds, the time of the student's pytest process")
+    _print_spread_table(grade_command.summary_rows(runs))
+    rows = [
+        (f"class wall time, {_count(run.jobs, 'job')}", grade_command.wall_text(run))
+        for run in runs
+    ]
+    for jobs in GRADING_JOBS[1:]:
+        rows.append(
+            (
+                f"speed-up of {jobs} jobs over 1",
+                f"{grade_command.speedup(runs, jobs):.2f} (wall time with 1 job / "
+                f"with {jobs})",
+            )
+        )
+    _print_rows(None, rows)
 
 
 def _report_overhead(splits, settings, device, repeats, epochs, work_dir) -> None:
