@@ -32,7 +32,6 @@ METRICS, EVALUATE, CLASS_WEIGHTS = "77c37681", "0f4abd30", "9e25e1d0"
 # Check cells of exercise 18.5.1.
 CURVE_CHECK, DIAGNOSE_CHECK = "c30b442c", "12a7b77d"
 
-
 SECRET_NAME, SECRET_VALUE = "GRADER_TEST_TOKEN", "do-not-leak-8d1f"
 FAKE_PASS = "passed: all four runs named correctly, each with its most likely fix"
 
@@ -71,6 +70,8 @@ EXPECTED: dict[tuple[str, str], tuple[str, int, str]] = {
     ("empty", "18.5.2"): ("missing", 0, "is empty"),
     ("empty", "18.5.3"): ("missing", 0, "is empty"),
     ("essay_only", "18.5.1"): ("missing", 0, "no notebook in essay_only/"),
+    ("essay_only", "18.5.2"): ("missing", 0, "no notebook in essay_only/"),
+    ("essay_only", "18.5.3"): ("missing", 0, "no notebook in essay_only/"),
     ("not_a_notebook", "18.5.1"): ("error", 0, "is not a notebook"),
     ("not_a_notebook", "18.5.2"): ("error", 0, "is not a notebook"),
     ("not_a_notebook", "18.5.3"): ("error", 0, "is not a notebook"),
@@ -135,7 +136,8 @@ def _fake_passed() -> dict:
     _set(notebook, CURVE_ANSWERS,
          "import os\n"
          f"print({FAKE_PASS!r})\n"
-         f"answers['a']['condition'] = os.environ.get({SECRET_NAME!r}, 'cleared')\n")
+         "answers['a'] = {'fix': 'use a larger model', 'lesson': 6,\n"
+         f"                'condition': os.environ.get({SECRET_NAME!r}, 'cleared')}}\n")
     _set(notebook, DIAGNOSE,
          "def diagnose(history):\n"
          "    print('passed: diagnose labelled all recorded runs')\n"

@@ -82,12 +82,12 @@ def conda_requirements(environment: dict) -> dict[str, SpecifierSet]:
     return found
 
 
-def test_dev_extra_includes_notebooks(project):
+def test_dev_extra_includes_notebooks_and_grading(project):
     dev = [Requirement(text) for text in project["optional-dependencies"]["dev"]]
     own = [r for r in dev if r.name == project["name"]]
 
     assert len(own) == 1
-    assert own[0].extras == {"notebooks"}
+    assert own[0].extras == {"notebooks", "grading"}
 
 
 def test_environment_same_packages(project, environment):

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,6 +96,17 @@ def run_command(args: argparse.Namespace) -> int:
                     memory_bytes=int(args.memory_limit * 2**30))
     jobs = args.jobs or min(os.cpu_count() or 1, 8)
     feedback = args.feedback or args.out.parent / "feedback"
+    # Find out now, not after an hour of grading, that the results cannot be saved.
+    for folder, option in ((args.out.parent, "--out"), (feedback, "--feedback")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            logger.error("error: cannot create %s (%s); pass another %s", folder,
+                         err.strerror, option)
+            return 2
+        if not os.access(folder, os.W_OK):
+            logger.error("error: %s is not writable; pass another %s", folder, option)
+            return 2
     rows = grade_class(args.submissions, exercises, limits=limits, jobs=jobs,
                        out=args.out, feedback=feedback,
                        keep_scratch=args.keep_scratch)
@@ -124,24 +135,24 @@ def grade_class(
     started = time.monotonic()
     students = find_students(submissions, exercises)
     scratch = Path(tempfile.mkdtemp(prefix="course-grade-"))
-    logger.info("grading %d submissions, %d at a time, in %s", len(students), jobs,
-                scratch)
+    logger.info("grading %d submission%s, %d at a time, in %s", len(students),
+                "" if len(students) == 1 else "s", jobs, scratch)
+    possible = sum(exercise.max_points for exercise in exercises)
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [
+            futures = {
                 pool.submit(_grade_student, student, exercises, limits,
-                            scratch / f"{number:04d}")
+                            scratch / f"{number:04d}"): student
                 for number, student in enumerate(students)
-            ]
-            graded = []
-            for student, future in zip(students, futures):
-                rows = future.result()
-                graded.append((student, rows))
+            }
+            by_student = {}
+            for future in as_completed(futures):
+                student, rows = futures[future], future.result()
+                by_student[id(student)] = rows
                 seconds = next((row.seconds for row in rows if row.seconds), 0.0)
                 logger.info("graded %s: %d of %d points (%.0f s)", student.entry,
-                            sum(row.points for row in rows),
-                            sum(exercise.max_points for exercise in exercises),
-                            seconds)
+                            sum(row.points for row in rows), possible, seconds)
+            graded = [(student, by_student[id(student)]) for student in students]
     finally:
         if keep_scratch:
             logger.info("scratch folders kept in %s", scratch)
@@ -165,7 +176,7 @@ def _grade_student(student: Student, exercises: list[Exercise], limits: Limits,
                    root: Path) -> list[Row]:
     """Merge, run and score one student's notebooks; never raises."""
     from .scoring import outcome_row, score_notebook
-    from .submissions import merge
+    from .submissions import Outcome, merge
     from .worker import WorkerResult, run_student
 
     merged, notes = {}, {}
@@ -184,10 +195,17 @@ def _grade_student(student: Student, exercises: list[Exercise], limits: Limits,
                                   f"{type(err).__name__}: {err}", root / "work")
     rows = []
     for exercise in exercises:
-        if exercise.file_name in merged:
-            rows.append(score_notebook(student, exercise, worker,
-                                       notes[exercise.file_name]))
-        else:
+        if exercise.file_name not in merged:
             rows.append(outcome_row(student, exercise,
                                     student.outcomes[exercise.file_name]))
+            continue
+        try:
+            rows.append(score_notebook(student, exercise, worker,
+                                       notes[exercise.file_name]))
+        except Exception as err:  # noqa: BLE001 - the records come from student code
+            logger.exception("scoring %s of %s failed", exercise.label,
+                             student.entry)
+            reason = (f"the grading records of this notebook could not be read "
+                      f"({type(err).__name__}); grade the student again")
+            rows.append(outcome_row(student, exercise, Outcome("error", reason)))
     return rows

@@ -240,7 +240,7 @@ def _store(item, outcome: str, reason: str | None, seconds: float,
                           error.get("traceback", [])[-_TRACEBACK_TAIL:]],
         }
     elif reply.get("status") == "error":
-        # The reply says error although no traceback was sent.
+        # The reply has the status error although no traceback was sent.
         record["error"] = {"ename": str(reply.get("ename") or "error"),
                            "evalue": str(reply.get("evalue") or "")[:2000],
                            "traceback": []}

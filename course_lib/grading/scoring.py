@@ -65,6 +65,8 @@ class Row:
     checks: list[CheckScore] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     answer_errors: list[str] = field(default_factory=list)
+    # Seconds of the student's whole grading process, the same on each of
+    # the student's rows; None when no notebook of the student ran.
     seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def score_notebook(
 
 
 def _describe_cell(exercise: Exercise, record: dict[str, Any]) -> str:
-    """Name a cell as the student sees it: answer cell, check or code cell."""
+    """Return the cell's name in the student's terms: answer, check or code cell."""
     cell_id = record.get("cell_id")
     if cell_id in exercise.answer_ids:
         return f"answer cell {exercise.answer_ids.index(cell_id) + 1}"
@@ -290,7 +292,7 @@ def feedback_text(student: Student, rows: list[Row]) -> str:
             lines.append(f"- Your {_plain(error)}")
         for note in row.notes:
             lines.append(f"- Note: {note}")
-        if row.status == "error":
+        if row.status in ("error", "timed out"):
             lines.append(f"- {_plain(row.reason)}")
     lines += ["", "Only the answer cells of your notebook were graded, inside the "
               "released exercise notebook; cells you added or changed elsewhere "

@@ -195,7 +195,7 @@ def strip_markers(source: str) -> str:
 
 
 class UnreadableNotebook(ValueError):
-    """A submitted file that is not a notebook; the message says why."""
+    """A submitted file that is not a notebook; the message gives the reason."""
 
 
 def read_notebook(path: Path, shown: str) -> dict:
@@ -203,21 +203,27 @@ def read_notebook(path: Path, shown: str) -> dict:
 
     Raises:
         UnreadableNotebook: with a message that names `shown` (the path as
-            the table shows it) and says what to resubmit.
+            the table shows it) and what to resubmit.
     """
     if path.suffix != NOTEBOOK_SUFFIX:
         raise UnreadableNotebook(
             f"{shown} is not a notebook (.ipynb); submit the exercise notebooks "
             "as saved by Jupyter or Colab"
         )
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= MAX_NOTEBOOK_BYTES else b""
+    except OSError as err:
+        raise UnreadableNotebook(
+            f"{shown} could not be read ({err.strerror}); check its permissions "
+            "and grade again"
+        ) from None
     if size > MAX_NOTEBOOK_BYTES:
         raise UnreadableNotebook(
             f"{shown} has {size / 2**20:.0f} MB, more than the "
             f"{MAX_NOTEBOOK_BYTES // 2**20} MB a notebook may have; clear its "
             "outputs and submit it again"
         )
-    data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -234,6 +240,11 @@ def read_notebook(path: Path, shown: str) -> dict:
             f"column {err.colno}); download the notebook again and submit that "
             "file"
         ) from None
+    except RecursionError:
+        raise UnreadableNotebook(
+            f"{shown} nests its JSON too deeply to be a notebook; submit the .ipynb "
+            "file that Jupyter or Colab saves"
+        ) from None
     cells = notebook.get("cells") if isinstance(notebook, dict) else None
     if (not isinstance(cells, list)
             or not all(isinstance(cell, dict) for cell in cells)
@@ -243,6 +254,10 @@ def read_notebook(path: Path, shown: str) -> dict:
             "cells); submit the .ipynb file that Jupyter or Colab saves"
         )
     return notebook
+
+
+def _has_id(cell: dict) -> bool:
+    return isinstance(cell.get("id"), str) and bool(cell["id"])
 
 
 def cell_source(cell: dict) -> str | None:
@@ -259,7 +274,7 @@ def identify(notebook: dict, exercises: list[Exercise]) -> Exercise | None:
     Cells are matched by id. Notebooks whose cells lost their ids (some tools
     write them without) are matched by the released cells' exact sources.
     """
-    ids = {cell.get("id") for cell in notebook["cells"] if cell.get("id")}
+    ids = {cell.get("id") for cell in notebook["cells"] if _has_id(cell)}
     sources = {cell_source(cell) for cell in notebook["cells"]}
     best, best_score = None, 0
     for exercise in exercises:
@@ -416,8 +431,8 @@ def merge(exercise: Exercise, submitted: dict) -> tuple[Any, list[str]]:
         "language_info": {"name": "python"},
     })
     submitted_cells = [cell for cell in submitted["cells"] if isinstance(cell, dict)]
-    by_id = {cell.get("id"): cell for cell in submitted_cells
-             if cell.get("id") and cell.get("cell_type") == "code"}
+    by_id = {cell["id"]: cell for cell in submitted_cells
+             if _has_id(cell) and cell.get("cell_type") == "code"}
     checks = {check.cell_id: check for check in exercise.checks}
     notes = []
     for index, cell in enumerate(graded.cells):
