@@ -12,7 +12,9 @@ grading tool can run them in different processes. Each ``check_x`` is
 ``score_x(run_x(...))``: ``run_x`` calls the student's code and returns a
 JSON-serializable dict (and, for the resume exercise, weights files that load
 with ``weights_only=True``); ``score_x`` reads only that dict and returns the
-success line or raises.
+success line or raises. `CHECKS` maps each check's name to its two steps:
+``python -m course_lib grade`` runs the first in the student's kernel and the
+second in its own process.
 """
 
 from __future__ import annotations

@@ -396,6 +396,25 @@ def test_worker_stops_after_a_timeout(tmp_path):
 
 
 @pytest.mark.slow
+def test_worker_stops_at_notebook_limit(tmp_path):
+    sleep = "import time\ntime.sleep(4)"
+    notebooks = {"slow.ipynb": _notebook(*[sleep] * 6)}
+
+    result = run_student(tmp_path / "a", None, notebooks,
+                         Limits(cell_timeout=60, notebook_timeout=14))
+    cells = result.cells
+    cut = [index for index, cell in enumerate(cells) if cell["timed_out"]]
+
+    assert len(cells) == 6
+    assert len(cut) == 1
+    assert cells[cut[0]]["notebook_time_limit"]
+    assert cells[cut[0]]["time_limit"] < 14
+    after = cells[cut[0] + 1:]
+    assert after and all(cell["outcome"] == "not run" for cell in after)
+    assert all(cell["stopped_by"] == "timed out" for cell in after)
+
+
+@pytest.mark.slow
 def test_by_hand_nbval_lax_run_fails_unsolved(tmp_path):
     target = tmp_path / klass.CURVES
     target.write_bytes((klass.EXERCISES / klass.CURVES).read_bytes())
