@@ -27,14 +27,20 @@ logger = logging.getLogger(__name__)
 
 
 def _positive(kind):
+    """Return an argparse type for numbers of `kind` above 0."""
+    accepted = "an integer above 0" if kind is int else "a number above 0"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+            raise argparse.ArgumentTypeError(
+                f"must be {accepted}, got {text!r}") from None
+        # "not value > 0" also rejects nan.
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text}")
         return value
+
     return parse
 
 
@@ -181,10 +187,19 @@ def _grade_student(student: Student, exercises: list[Exercise], limits: Limits,
 
     merged, notes = {}, {}
     for exercise in exercises:
-        if exercise.file_name in student.notebooks:
-            _, submitted = student.notebooks[exercise.file_name]
+        if exercise.file_name not in student.notebooks:
+            continue
+        _, submitted = student.notebooks[exercise.file_name]
+        try:
             merged[exercise.file_name], notes[exercise.file_name] = merge(
                 exercise, submitted)
+        except Exception as err:  # noqa: BLE001 - the notebook is student input
+            logger.exception("merging %s of %s failed", exercise.label,
+                             student.entry)
+            student.outcomes[exercise.file_name] = Outcome(
+                "error", f"the answer cells could not be copied into the released "
+                f"notebook ({type(err).__name__}); resubmit the notebook as saved "
+                "by Jupyter")
     worker = None
     if merged:
         try:
