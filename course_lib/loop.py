@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -9,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -400,8 +401,8 @@ def train_model(
 
     Raises:
         ValueError: for epochs or patience below 1, an unknown monitor, an
-            unwritable out_dir, or an out_dir that holds another run while
-            `resume` is False.
+            unwritable out_dir, an out_dir that holds another run while
+            `resume` is False, or one that another process is training into.
         CheckpointError: if last.pt cannot be resumed from: a field is missing
             or invalid, or the run's settings, model or optimizer differ.
         NonFiniteLossError: if the loss becomes NaN or infinite. The checkpoints
@@ -414,191 +415,193 @@ def train_model(
 
     out_dir = Path(out_dir)
     prepare_run_folder(out_dir)
-    last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
-    if not resume and (last_path.exists() or best_path.exists()):
-        raise ValueError(
-            f"{out_dir} already contains checkpoints of another run; pass resume=True "
-            "(--resume) to continue it, or choose a new out_dir (--out)"
-        )
-    for stale in remove_stale_temp_files(out_dir):
-        logger.info("removed %s, left by an interrupted checkpoint write", stale)
-
-    device = pick_device(device)
-    precision = pick_precision(device, enabled=mixed_precision)
-    model.to(device)
-    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    elif isinstance(scheduler, str):
-        raise ValueError(f"unknown scheduler {scheduler!r}; use 'cosine', None or an object")
-    scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
-    data_order = getattr(train_loader, "generator", None)
-
-    stopper = EarlyStopping(patience=patience, mode=mode)
-    history = History()
-    start_epoch = 1
-    finished = False
-    config = {**(run_config or {}), "epochs": epochs, "monitor": monitor}
-
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path, map_location=device)
-        # Every check comes before the first change to the model, the
-        # optimizer, the random states or the run folder.
-        check_last_checkpoint(state, last_path)
-        _check_resume_config(state["config"], config, last_path)
-        check_weights_fit(model, state["model"], source=str(last_path))
-        _check_optimizer_groups(state["optimizer"], optimizer, last_path)
-        load_weights(model, state["model"], source=str(last_path))
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        stopper.load_state_dict(state["early_stopping"])
-        history = History.from_state_dict(state["history"])
-        restore_rng_state(state["rng"], data_order)
-        # last.pt is written before history.csv, so a kill between the two
-        # writes leaves the CSV one row short. Rewriting it here repairs that.
-        history.to_csv(out_dir / HISTORY_NAME)
-        start_epoch = state["epoch"] + 1
-        finished = bool(state.get("finished"))
-        logger.info(
-            "resumed %s at epoch %d of %d%s", last_path, state["epoch"], epochs,
-            " (the run had finished)" if finished else "",
-        )
-    elif resume and best_path.exists():
-        raise CheckpointError(
-            f"{out_dir} has best.pt but no last.pt, so the run cannot be resumed "
-            "and a new run would overwrite best.pt; copy best.pt elsewhere or "
-            "choose a new out_dir"
-        )
-    elif resume:
-        logger.info("no %s yet; starting a new run", last_path)
-
-    plot = _make_plot(live_plot, out_dir)
-    show_progress = progress if progress is not None else _progress_default()
-    # A run whose patience ran out at its last epoch ended by the epoch count,
-    # as the loop below decides too.
-    stopped_early = finished and stopper.should_stop and start_epoch - 1 < epochs
-
-    logger.info(_header_line())
-    if plot is not None and len(history):
-        plot.update(history, best_epoch=stopper.best_epoch)
-
-    epoch = start_epoch
-    while not finished and epoch <= epochs:
-        lr_now = optimizer.param_groups[0]["lr"]
-        started = time.perf_counter()
-
-        train_cm = ConfusionMatrix(device=device)
-        val_cm = ConfusionMatrix(device=device)
-        train_result = _run_phase(
-            model, train_loader, criterion, optimizer, device, True,
-            scaler=scaler, precision=precision, confusion=train_cm, epoch=epoch,
-            progress=show_progress,
-        )
-        val_result = _run_phase(
-            model, val_loader, criterion, None, device, False,
-            precision=precision, confusion=val_cm, epoch=epoch, progress=show_progress,
-        )
-        if scheduler is not None:
-            scheduler.step()
-
-        row = _history_row(epoch, train_result, val_result, lr_now,
-                           time.perf_counter() - started)
-        if monitor != "val_loss" and math.isnan(row[monitor]) and not _has_accuracy(row):
+    # A second run in the same folder would overwrite this run's checkpoints.
+    with hold_run_folder(out_dir):
+        last_path, best_path = out_dir / LAST_NAME, out_dir / BEST_NAME
+        if not resume and (last_path.exists() or best_path.exists()):
             raise ValueError(
-                f"monitor {monitor!r} is NaN because the targets are not class "
-                "indices (a regression or multi-label loss); pass monitor='val_loss'"
+                f"{out_dir} already contains checkpoints of another run; pass resume=True "
+                "(--resume) to continue it, or choose a new out_dir (--out)"
             )
-        history.append(row)
-        improved = stopper.step(row[monitor], epoch)
-        if improved:
+        for stale in remove_stale_temp_files(out_dir):
+            logger.info("removed %s, left by an interrupted checkpoint write", stale)
+
+        device = pick_device(device)
+        precision = pick_precision(device, enabled=mixed_precision)
+        model.to(device)
+        criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        if scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        elif isinstance(scheduler, str):
+            raise ValueError(f"unknown scheduler {scheduler!r}; use 'cosine', None or an object")
+        scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
+        data_order = getattr(train_loader, "generator", None)
+
+        stopper = EarlyStopping(patience=patience, mode=mode)
+        history = History()
+        start_epoch = 1
+        finished = False
+        config = {**(run_config or {}), "epochs": epochs, "monitor": monitor}
+
+        if resume and last_path.exists():
+            state = load_checkpoint(last_path, map_location=device)
+            # Every check comes before the first change to the model, the
+            # optimizer, the random states or the run folder.
+            check_last_checkpoint(state, last_path)
+            _check_resume_config(state["config"], config, last_path)
+            check_weights_fit(model, state["model"], source=str(last_path))
+            _check_optimizer_groups(state["optimizer"], optimizer, last_path)
+            load_weights(model, state["model"], source=str(last_path))
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            stopper.load_state_dict(state["early_stopping"])
+            history = History.from_state_dict(state["history"])
+            restore_rng_state(state["rng"], data_order)
+            # last.pt is written before history.csv, so a kill between the two
+            # writes leaves the CSV one row short. Rewriting it here repairs that.
+            history.to_csv(out_dir / HISTORY_NAME)
+            start_epoch = state["epoch"] + 1
+            finished = bool(state.get("finished"))
+            logger.info(
+                "resumed %s at epoch %d of %d%s", last_path, state["epoch"], epochs,
+                " (the run had finished)" if finished else "",
+            )
+        elif resume and best_path.exists():
+            raise CheckpointError(
+                f"{out_dir} has best.pt but no last.pt, so the run cannot be resumed "
+                "and a new run would overwrite best.pt; copy best.pt elsewhere or "
+                "choose a new out_dir"
+            )
+        elif resume:
+            logger.info("no %s yet; starting a new run", last_path)
+
+        plot = _make_plot(live_plot, out_dir)
+        show_progress = progress if progress is not None else _progress_default()
+        # A run whose patience ran out at its last epoch ended by the epoch count,
+        # as the loop below decides too.
+        stopped_early = finished and stopper.should_stop and start_epoch - 1 < epochs
+
+        logger.info(_header_line())
+        if plot is not None and len(history):
+            plot.update(history, best_epoch=stopper.best_epoch)
+
+        epoch = start_epoch
+        while not finished and epoch <= epochs:
+            lr_now = optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
+
+            train_cm = ConfusionMatrix(device=device)
+            val_cm = ConfusionMatrix(device=device)
+            train_result = _run_phase(
+                model, train_loader, criterion, optimizer, device, True,
+                scaler=scaler, precision=precision, confusion=train_cm, epoch=epoch,
+                progress=show_progress,
+            )
+            val_result = _run_phase(
+                model, val_loader, criterion, None, device, False,
+                precision=precision, confusion=val_cm, epoch=epoch, progress=show_progress,
+            )
+            if scheduler is not None:
+                scheduler.step()
+
+            row = _history_row(epoch, train_result, val_result, lr_now,
+                               time.perf_counter() - started)
+            if monitor != "val_loss" and math.isnan(row[monitor]) and not _has_accuracy(row):
+                raise ValueError(
+                    f"monitor {monitor!r} is NaN because the targets are not class "
+                    "indices (a regression or multi-label loss); pass monitor='val_loss'"
+                )
+            history.append(row)
+            improved = stopper.step(row[monitor], epoch)
+            if improved:
+                save_checkpoint(
+                    {
+                        "model": model.state_dict(),
+                        "epoch": epoch,
+                        "metric": row[monitor],
+                        "monitor": monitor,
+                        "model_class": type(model).__name__,
+                    },
+                    best_path,
+                )
+            stopped_early = stopper.should_stop and epoch < epochs
+            finished = stopper.should_stop or epoch == epochs
             save_checkpoint(
                 {
                     "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "epoch": epoch,
-                    "metric": row[monitor],
-                    "monitor": monitor,
+                    "best_metric": stopper.best,
+                    "early_stopping": stopper.state_dict(),
+                    "history": history.state_dict(),
+                    "rng": capture_rng_state(data_order),
+                    "config": config,
+                    "finished": finished,
                     "model_class": type(model).__name__,
                 },
-                best_path,
+                last_path,
             )
-        stopped_early = stopper.should_stop and epoch < epochs
-        finished = stopper.should_stop or epoch == epochs
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "best_metric": stopper.best,
-                "early_stopping": stopper.state_dict(),
-                "history": history.state_dict(),
-                "rng": capture_rng_state(data_order),
-                "config": config,
-                "finished": finished,
-                "model_class": type(model).__name__,
-            },
-            last_path,
-        )
-        history.to_csv(out_dir / HISTORY_NAME)
+            history.to_csv(out_dir / HISTORY_NAME)
 
-        logger.info(_epoch_line(row, epochs, monitor, improved))
+            logger.info(_epoch_line(row, epochs, monitor, improved))
+            if plot is not None:
+                plot.update(
+                    history,
+                    best_epoch=stopper.best_epoch,
+                    stopped_epoch=epoch if stopped_early else None,
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+            if stopped_early:
+                logger.info(
+                    "early stop: %s has not improved for %d epochs (best %.4f at epoch %d)",
+                    monitor, patience, stopper.best, stopper.best_epoch,
+                )
+            epoch += 1
+
         if plot is not None:
-            plot.update(
-                history,
-                best_epoch=stopper.best_epoch,
-                stopped_epoch=epoch if stopped_early else None,
+            plot.close(
+                history, best_epoch=stopper.best_epoch,
+                stopped_epoch=history["epoch"][-1] if stopped_early and len(history) else None,
             )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-        if stopped_early:
+
+        if best_path.exists():
+            best = load_checkpoint(best_path, map_location=device, required_keys=("model",))
+            load_weights(model, best["model"], source=str(best_path))
+
+        test_loss = test_accuracy = test_metrics = None
+        if test_loader is not None:
+            test_cm = ConfusionMatrix(device=device)
+            test_result = _run_phase(
+                model, test_loader, criterion, None, device, False,
+                precision=precision, confusion=test_cm, progress=show_progress,
+            )
+            test_loss, test_accuracy = test_result.loss, test_result.accuracy
+            test_metrics = test_cm.compute() if test_cm.counts is not None else None
+            logger.info("test loss of best.pt: %.4f", test_loss)
             logger.info(
-                "early stop: %s has not improved for %d epochs (best %.4f at epoch %d)",
-                monitor, patience, stopper.best, stopper.best_epoch,
+                "test accuracy of best.pt (epoch %s): %.2f%%",
+                stopper.best_epoch, 100 * test_accuracy,
             )
-        epoch += 1
 
-    if plot is not None:
-        plot.close(
-            history, best_epoch=stopper.best_epoch,
-            stopped_epoch=history["epoch"][-1] if stopped_early and len(history) else None,
+        return TrainResult(
+            history=history,
+            best_epoch=stopper.best_epoch,
+            best_metric=stopper.best,
+            monitor=monitor,
+            stopped_early=stopped_early,
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            test_metrics=test_metrics,
+            out_dir=out_dir,
         )
-
-    if best_path.exists():
-        best = load_checkpoint(best_path, map_location=device, required_keys=("model",))
-        load_weights(model, best["model"], source=str(best_path))
-
-    test_loss = test_accuracy = test_metrics = None
-    if test_loader is not None:
-        test_cm = ConfusionMatrix(device=device)
-        test_result = _run_phase(
-            model, test_loader, criterion, None, device, False,
-            precision=precision, confusion=test_cm, progress=show_progress,
-        )
-        test_loss, test_accuracy = test_result.loss, test_result.accuracy
-        test_metrics = test_cm.compute() if test_cm.counts is not None else None
-        logger.info("test loss of best.pt: %.4f", test_loss)
-        logger.info(
-            "test accuracy of best.pt (epoch %s): %.2f%%",
-            stopper.best_epoch, 100 * test_accuracy,
-        )
-
-    return TrainResult(
-        history=history,
-        best_epoch=stopper.best_epoch,
-        best_metric=stopper.best,
-        monitor=monitor,
-        stopped_early=stopped_early,
-        test_loss=test_loss,
-        test_accuracy=test_accuracy,
-        test_metrics=test_metrics,
-        out_dir=out_dir,
-    )
 
 
 _MAXIMIZED = ("val_acc", "val_macro_f1", "val_pos_f1", "val_pos_recall", "val_pos_precision")
@@ -639,6 +642,38 @@ def prepare_run_folder(out_dir: str | os.PathLike) -> Path:
             f"{err.strerror or err}); pass a writable folder as out_dir (--out)"
         ) from None
     return out_dir
+
+
+@contextlib.contextmanager
+def hold_run_folder(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while the block runs.
+
+    The lock is an ``flock`` on the folder itself, so no lock file is left
+    behind. The operating system releases it when the process ends, also on
+    SIGKILL, so a killed run never leaves the folder locked.
+
+    Raises:
+        ValueError: naming the folder, if another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        # NOTE: fcntl does not exist on Windows, so runs there are not locked.
+        yield
+        return
+    folder = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another training run is writing to {out_dir}; wait for it to "
+                "finish, or pass another out_dir (--out)"
+            ) from None
+        yield
+    finally:
+        # Closing the descriptor releases the lock.
+        os.close(folder)
 
 
 def _check_resume_config(saved: dict, current: dict, path: Path) -> None:

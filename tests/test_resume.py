@@ -353,3 +353,25 @@ def test_resume_without_last_pt(small_splits, tmp_path):
     result, _ = frozen_run(small_splits, out_dir, resume=True)
     assert result.history["epoch"] == [1, 2, 3]
     assert os.path.exists(out_dir / "last.pt")
+
+
+@pytest.mark.slow
+def test_second_run_in_locked_folder_rejected(reference, tmp_path):
+    out_dir = tmp_path / "run"
+    first = Child(out_dir, tmp_path, "first", "--block-at", "2")
+    first.wait_until(lambda: (first.status_dir / "blocked").exists(), "the block")
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+
+    second = Child(out_dir, tmp_path, "second")
+    code = second.process.wait(timeout=RUN_TIMEOUT)
+
+    assert code != 0
+    assert "another training run is writing to" in second.log()
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+
+    first.kill()
+    final = Child(out_dir, tmp_path, "final")
+    run = load_run(out_dir, final.finish())
+
+    assert final.epochs_done() == list(range(3, EPOCHS + 1))
+    assert_same_run(run, reference)
