@@ -13,6 +13,7 @@ downloaded checkpoint cannot run code hidden in it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import random
@@ -33,6 +34,10 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, damaged, unsafe or does not fit the model."""
+
+
+class CheckpointWriteError(OSError):
+    """A file of the run could not be written; the file under its name is unchanged."""
 
 
 def to_cpu(obj: Any) -> Any:
@@ -81,9 +86,18 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> 
         # open() would, so other users can read the run as usual.
         os.fchmod(fd, _default_file_mode())
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as err:
+                # torch.save reports a short write as a RuntimeError about
+                # zip positions, so both kinds get one message that names
+                # the file and the likely causes.
+                raise CheckpointWriteError(
+                    errno.EIO, f"writing stopped after {f.tell()} bytes: a full "
+                    "disk, a file size limit or an I/O error", str(path),
+                ) from err
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import random
@@ -14,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, CheckpointWriteError
 from .data import (
     DATASET_CHOICES,
     DatasetUnavailableError,
@@ -197,6 +198,10 @@ def _width_option(args: argparse.Namespace) -> dict[str, int]:
     return {"hidden": hidden}
 
 
+# Errors of a write that a user can fix: disk full, quota, read-only, too large.
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -214,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted; resume with --resume --out of this run")
         return 130
+    except OSError as err:
+        if not (isinstance(err, CheckpointWriteError) or err.errno in _WRITE_ERRORS):
+            raise
+        # A full disk or a folder that became read-only during the run. The
+        # checkpoints are written atomically, so the last complete ones remain.
+        where = f" {err.filename}" if err.filename else ""
+        logger.error("error: could not write%s (%s); free disk space or fix the "
+                     "folder's permissions, then rerun with --resume to continue "
+                     "from the last complete last.pt", where, err.strerror or err)
+        return 2
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

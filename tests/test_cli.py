@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -385,3 +387,28 @@ def test_bad_argument_real_entry(tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
     assert len(errors) == 1, done.stderr
     assert "got 0" in errors[0]
+
+
+def _limit_file_size() -> None:
+    # Writes past the limit then fail with EFBIG, as on a full disk, instead
+    # of killing the process with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+
+@pytest.mark.slow
+def test_failed_checkpoint_write_named(tmp_path):
+    out_dir = tmp_path / "run"
+    process = subprocess.run(
+        [sys.executable, "-m", "course_lib", "train", "--model", "mlp", "--width",
+         "16", "--epochs", "2", "--out", str(out_dir), "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        preexec_fn=_limit_file_size,
+    )
+    lines = process.stdout.strip().splitlines()
+
+    assert process.returncode == 2
+    assert "Traceback" not in process.stdout + process.stderr
+    assert lines[-1].startswith(f"error: could not write {out_dir / 'last.pt'}")
+    assert "writing stopped after" in lines[-1]
+    assert not list(out_dir.glob(".*.tmp"))
