@@ -71,7 +71,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--notebook-timeout", type=_positive(float), default=900.0,
                         help="seconds one notebook may run in all (default: 900)")
     parser.add_argument("--memory-limit", type=_positive(float), default=4.0,
-                        help="GiB of memory each student's kernel may allocate "
+                        help="GiB of memory that each process of a student (the "
+                        "kernel and every process it starts) may allocate "
                         "(default: 4)")
     parser.add_argument("--keep-scratch", action="store_true",
                         help="keep the scratch folders of the students' runs and "
