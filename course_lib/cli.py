@@ -42,7 +42,9 @@ class _StdoutHandler(logging.StreamHandler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        # Not setStream, which flushes the old stream first: a finished cell's
+        # stream may be closed by then.
+        self.stream = sys.stdout
         super().emit(record)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -36,3 +38,16 @@ def small_splits(mnist: DataSplits) -> tuple[Split, Split, Split]:
         _subset(mnist.val, 128, seed=2),
         _subset(mnist.test, 128, seed=3),
     )
+
+
+@pytest.fixture(autouse=True)
+def restore_course_logger():
+    """Undo what cli.main's configure_logging does to the course_lib logger.
+
+    Without this, a test that calls cli.main in-process leaves a handler and
+    propagate=False behind, and later tests that read caplog see nothing.
+    """
+    logger = logging.getLogger("course_lib")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

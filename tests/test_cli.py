@@ -412,3 +412,22 @@ def test_failed_checkpoint_write_named(tmp_path):
     assert lines[-1].startswith(f"error: could not write {out_dir / 'last.pt'}")
     assert "writing stopped after" in lines[-1]
     assert not list(out_dir.glob(".*.tmp"))
+
+
+def test_log_lines_follow_replaced_stdout(monkeypatch):
+    import io
+    import logging
+
+    from course_lib.cli import configure_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    configure_logging()
+    logging.getLogger("course_lib").info("first cell")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+
+    logging.getLogger("course_lib").info("second cell")
+
+    assert second.getvalue() == "second cell\n"
