@@ -281,6 +281,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "dataset": args.dataset, "model": args.model, "width": args.width,
             "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
             "weight_decay": args.weight_decay, "augment": not args.no_augment,
+            "patience": args.patience,
         },
         progress=False if args.no_progress else None,
     )

@@ -174,6 +174,25 @@ def test_resume_finished_trains_nothing(finished_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_with_other_patience_rejected(finished_run, tmp_path):
+    _, out_dir = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out_dir, copy)
+    last_before = (copy / "last.pt").read_bytes()
+
+    resumed = run_cli(
+        "--model", "mlp", "--epochs", "2", "--out", str(copy), "--resume",
+        "--patience", "2", cwd=tmp_path,
+    )
+    errors = error_lines(resumed.stdout)
+
+    assert resumed.returncode == 2
+    assert len(errors) == 1, resumed.stdout
+    assert "patience=5, but this run has patience=2" in errors[0]
+    assert (copy / "last.pt").read_bytes() == last_before
+
+
+@pytest.mark.slow
 def test_existing_run_needs_resume(finished_run, tmp_path):
     _, out_dir = finished_run
     copy = tmp_path / "run"

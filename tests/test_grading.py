@@ -23,7 +23,12 @@ import pytest
 
 from course_lib import cli
 from course_lib.grading import submissions
-from course_lib.grading.scoring import score_notebook
+from course_lib.grading.scoring import (
+    feedback_text,
+    outcome_row,
+    score_notebook,
+    write_table,
+)
 from course_lib.grading.worker import Limits, WorkerResult, run_student
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -464,3 +469,75 @@ def test_bad_limits_rejected(tmp_path, option, capsys):
 
     assert exit_info.value.code == 2
     assert option.split("=")[0] in capsys.readouterr().err
+
+
+# --- odd submissions folders -------------------------------------------------
+
+
+def test_undecodable_folder_name_graded_and_written(exercises, tmp_path):
+    submitted = tmp_path / "class"
+    folder = Path(os.fsdecode(bytes(submitted) + b"/j\xfcrgen"))
+    folder.mkdir(parents=True)
+
+    students = submissions.find_students(submitted, list(exercises.values()))
+    rows = [outcome_row(students[0], exercise, students[0].outcomes[name])
+            for name, exercise in exercises.items()]
+    write_table(rows, tmp_path / "grades.csv")
+
+    assert students[0].name == "j\ufffdrgen"
+    assert "j\ufffdrgen" in (tmp_path / "grades.csv").read_text("utf-8")
+    assert feedback_text(students[0], rows).startswith("# Feedback for j\ufffdrgen")
+
+
+def test_fifo_entry_is_an_error_row(exercises, tmp_path):
+    os.mkfifo(tmp_path / "pipe.ipynb")
+
+    student, = submissions.find_students(tmp_path, list(exercises.values()))
+
+    assert {outcome.status for outcome in student.outcomes.values()} == {"error"}
+    assert "not a regular file" in student.outcomes[klass.CURVES].reason
+
+
+def test_deeply_nested_folder_is_an_error_row(exercises, tmp_path):
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    os.chdir(deep)
+    try:
+        for _ in range(1200):
+            os.mkdir("d")
+            os.chdir("d")
+    finally:
+        os.chdir(tmp_path)
+
+    student, = submissions.find_students(tmp_path, list(exercises.values()))
+
+    assert student.outcomes[klass.CURVES].status == "error"
+    assert "could not be read" in student.outcomes[klass.CURVES].reason
+
+
+def test_notebook_copy_does_not_replace_original(exercises, tmp_path):
+    folder = tmp_path / "alice"
+    folder.mkdir()
+    klass._write(klass.solved(klass.CURVES), folder / klass.CURVES)
+    klass._write(klass.unsolved(klass.CURVES),
+                 folder / "18_5_1_read_the_curves-Copy1.ipynb")
+
+    student, = submissions.find_students(tmp_path, list(exercises.values()))
+
+    assert student.notebooks[klass.CURVES][0] == folder / klass.CURVES
+    assert klass.CURVES not in student.outcomes
+    assert "Copy1.ipynb was not graded" in student.notes[0]
+
+
+@pytest.mark.parametrize("out", ["folder", "inside"])
+def test_bad_output_paths_rejected_before_grading(tmp_path, capsys, out):
+    (tmp_path / "class").mkdir()
+    (tmp_path / "folder").mkdir()
+    target = {"folder": tmp_path / "folder",
+              "inside": tmp_path / "class" / "grades.csv"}[out]
+
+    status = cli.main(["grade", str(tmp_path / "class"), "--exercises",
+                       str(klass.EXERCISES), "--out", str(target)])
+
+    assert status == 2
+    assert "error: --out" in capsys.readouterr().out

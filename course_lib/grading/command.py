@@ -104,6 +104,17 @@ def run_command(args: argparse.Namespace) -> int:
     jobs = args.jobs or min(os.cpu_count() or 1, 8)
     feedback = args.feedback or args.out.parent / "feedback"
     # Find out now, not after an hour of grading, that the results cannot be saved.
+    if args.out.is_dir():
+        logger.error("error: --out %s is a folder; pass the path of the CSV file to "
+                     "write, such as grades.csv", args.out)
+        return 2
+    submissions = args.submissions.resolve()
+    for path, option in ((args.out, "--out"), (feedback, "--feedback")):
+        if path.resolve().is_relative_to(submissions):
+            logger.error("error: %s %s is inside the submissions folder, where it "
+                         "would be graded as a student; pass a path outside %s",
+                         option, path, args.submissions)
+            return 2
     for folder, option in ((args.out.parent, "--out"), (feedback, "--feedback")):
         try:
             folder.mkdir(parents=True, exist_ok=True)

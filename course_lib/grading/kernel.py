@@ -9,6 +9,10 @@ or printing a fake "passed" line, earns nothing.
 
 The run steps are looked up once, when the grader's first cell imports this
 module and before any student code runs.
+
+NOTE: student code runs in the same kernel, so a student who deliberately
+rebinds `record` or edits `_RUN_STEPS` can show forged results. Scoring in the
+grader stops fake output and patched checks, not this.
 """
 
 from __future__ import annotations

@@ -284,10 +284,10 @@ def feedback_text(student: Student, rows: list[Row]) -> str:
         if not row.checks:
             lines.append(_plain(row.reason))
             continue
-        for score in row.checks:
-            mark = "passed" if score.status == "passed" else score.status
-            lines.append(f"- `check_{score.check.name}` ({score.points} of "
-                         f"{score.check.points}): {mark}. {_plain(score.message)}")
+        for number, score in enumerate(row.checks, start=1):
+            lines.append(f"- Check {number}, `check_{score.check.name}` "
+                         f"({score.points} of {score.check.points}): {score.status}. "
+                         f"{_plain(score.message)}")
         for error in row.answer_errors:
             lines.append(f"- Your {_plain(error)}")
         for note in row.notes:

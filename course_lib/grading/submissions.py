@@ -112,6 +112,14 @@ class Student:
     folder: Path | None = None
 
 
+def printable(text: str) -> str:
+    """Return `text` with undecodable bytes of a file name shown as U+FFFD.
+
+    Python keeps such bytes as surrogates, which cannot be written as UTF-8.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def exercise_label(file_name: str) -> str:
     """Return "18.5.1" for "18_5_1_read_the_curves.ipynb"."""
     numbers = re.match(r"^(\d+(?:_\d+)*)", file_name)
@@ -304,17 +312,18 @@ def find_students(folder: Path, exercises: list[Exercise]) -> list[Student]:
     )
     by_name: dict[str, list[Path]] = {}
     for entry in entries:
-        name = entry.name if entry.is_dir() else entry.stem
+        name = printable(entry.name if entry.is_dir() else entry.stem)
         by_name.setdefault(name.casefold(), []).append(entry)
 
     students = []
     for entry in entries:
-        name = entry.name if entry.is_dir() else entry.stem
-        shown = entry.name + ("/" if entry.is_dir() else "")
+        name = printable(entry.name if entry.is_dir() else entry.stem)
+        shown = printable(entry.name) + ("/" if entry.is_dir() else "")
         student = Student(name=name, entry=shown)
         twins = by_name[name.casefold()]
         if len(twins) > 1:
-            others = " and ".join(t.name + ("/" if t.is_dir() else "") for t in twins)
+            others = " and ".join(printable(t.name) + ("/" if t.is_dir() else "")
+                                  for t in twins)
             reason = (f"{others} both name the student {name!r}; rename or merge "
                       "them and grade again")
             for exercise in exercises:
@@ -325,7 +334,18 @@ def find_students(folder: Path, exercises: list[Exercise]) -> list[Student]:
                 student.outcomes[exercise.file_name] = Outcome("error", reason)
         elif entry.is_dir():
             student.folder = entry
-            _collect_folder(student, entry, exercises)
+            try:
+                _collect_folder(student, entry, exercises)
+            except (OSError, RecursionError) as err:
+                student.notebooks.clear()
+                reason = (f"{shown} could not be read ({type(err).__name__}); "
+                          "flatten or fix the folder and grade again")
+                for exercise in exercises:
+                    student.outcomes[exercise.file_name] = Outcome("error", reason)
+        elif not entry.is_file():
+            reason = f"{shown} is not a regular file; submit the notebook itself"
+            for exercise in exercises:
+                student.outcomes[exercise.file_name] = Outcome("error", reason)
         else:
             _collect_file(student, entry, exercises)
         students.append(student)
@@ -363,8 +383,11 @@ def _collect_folder(student: Student, folder: Path, exercises: list[Exercise]) -
     )
     notebooks = [path for path in files if path.suffix == NOTEBOOK_SUFFIX]
     unusable = []
+    # A notebook under its released name comes first, so that a copy such as
+    # "18_5_1_read_the_curves-Copy1.ipynb" never replaces it.
+    notebooks.sort(key=lambda path: (path.name not in by_file_name, str(path)))
     for path in notebooks:
-        shown = f"{student.entry}{path.relative_to(folder)}"
+        shown = printable(f"{student.entry}{path.relative_to(folder)}")
         named = by_file_name.get(path.name)
         try:
             notebook = read_notebook(path, shown)
@@ -387,11 +410,17 @@ def _collect_folder(student: Student, folder: Path, exercises: list[Exercise]) -
             unusable.append(f"{shown} is not one of the exercise notebooks")
             continue
         if exercise.file_name in student.notebooks:
-            first = student.notebooks.pop(exercise.file_name)[0]
+            first = student.notebooks[exercise.file_name][0]
+            if first.name == exercise.file_name:
+                student.notes.append(
+                    f"{shown} was not graded: {printable(first.name)} is the "
+                    f"notebook of exercise {exercise.label}")
+                continue
+            student.notebooks.pop(exercise.file_name)
             student.outcomes[exercise.file_name] = Outcome(
                 "error", f"two notebooks for exercise {exercise.label}: "
-                f"{student.entry}{first.relative_to(folder)} and {shown}; keep one "
-                "and grade again"
+                f"{printable(student.entry + str(first.relative_to(folder)))} and "
+                f"{shown}; keep one and grade again"
             )
             continue
         if exercise.file_name not in student.outcomes:
@@ -405,7 +434,7 @@ def _collect_folder(student: Student, folder: Path, exercises: list[Exercise]) -
         if not files:
             reason = f"the folder {student.entry} is empty"
         elif not notebooks:
-            found = ", ".join(path.name for path in files[:3])
+            found = ", ".join(printable(path.name) for path in files[:3])
             reason = f"no notebook in {student.entry} (found {found})"
         else:
             reason = f"no notebook of exercise {exercise.label} in {student.entry}"
