@@ -73,7 +73,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show "(default: X)" only for options whose default is a value."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False):
+        # "is", not "in (None, False)": 0 == False, and --seed defaults to 0.
+        if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -450,3 +450,13 @@ def test_log_lines_follow_replaced_stdout(monkeypatch):
     logging.getLogger("course_lib").info("second cell")
 
     assert second.getvalue() == "second cell\n"
+
+
+def test_help_shows_zero_default(capsys):
+    from course_lib import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "0 to 4294967295 (default: 0)" in help_text
