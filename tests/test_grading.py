@@ -164,7 +164,8 @@ def test_merge_ignores_tampering(exercises):
         if cell.cell_type != "code":
             assert cell.source == original.source
             continue
-        assert cell.outputs == [] and "NBVAL" not in cell.source
+        assert cell.outputs == []
+        assert "NBVAL" not in cell.source
         if cell.id in exercise.answer_ids:
             assert cell.source == submissions.strip_markers(original.source)
     checks = {check.cell_id: check for check in exercise.checks}
