@@ -401,7 +401,7 @@ def train_model(
 
     Raises:
         ValueError: for epochs or patience below 1, an unknown monitor, an
-            unwritable out_dir, an out_dir that holds another run while
+            unwritable out_dir, an out_dir that contains another run while
             `resume` is False, or one that another process is training into.
         CheckpointError: if last.pt cannot be resumed from: a field is missing
             or invalid, or the run's settings, model or optimizer differ.

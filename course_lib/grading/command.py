@@ -192,7 +192,11 @@ def grade_class(
 
 def _grade_student(student: Student, exercises: list[Exercise], limits: Limits,
                    root: Path) -> list[Row]:
-    """Merge, run and score one student's notebooks; never raises."""
+    """Merge, run and score one student's notebooks.
+
+    A failure in merging, running or scoring becomes an error row of this
+    student, so the other students are still graded.
+    """
     from .scoring import outcome_row, score_notebook
     from .submissions import Outcome, merge
     from .worker import WorkerResult, run_student

@@ -67,7 +67,7 @@ class Limits:
 
 @dataclass
 class WorkerResult:
-    """What one student's process left: its cell records and how it ended."""
+    """The cell records of one student's process and how the process ended."""
 
     cells: list[dict[str, Any]]
     finished: bool
@@ -206,8 +206,8 @@ def _kill_kernels(pid_file: Path) -> None:
     """Kill the process group of every kernel the worker started.
 
     Kernels start in sessions of their own, so killing the worker's group
-    leaves them running; what a kernel started (the resume trial's runs, a
-    student's subprocesses) is in its group and ends with it.
+    leaves them running. What a kernel started (the resume trial's runs, a
+    student's subprocesses) is in the kernel's group and ends with it.
     """
     if not pid_file.exists():
         return
